@@ -1,0 +1,1 @@
+"""inferq actors: the shard worker and its parts, the dead-letter reaper."""

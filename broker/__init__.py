@@ -1,0 +1,1 @@
+"""inferq broker layer: topology, codec, wire messages, connections, the job ledger."""

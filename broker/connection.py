@@ -1,0 +1,136 @@
+"""A robust RabbitMQ connection with a confirming publisher.
+
+Errors of aio-pika/aiormq are translated here into :mod:`runtime.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aio_pika
+import aiormq
+
+from runtime.errors import BrokerRejected, BrokerUnavailable, Unroutable
+from runtime.settings import BrokerSettings, mask_url
+
+log = logging.getLogger("inferq.broker")
+
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    aio_pika.exceptions.ChannelClosed,
+)
+
+
+class BrokerConnection:
+    """One robust connection; reconnects on its own, publishes with confirms.
+
+    Build it with :meth:`open`; close it with :meth:`aclose` (idempotent).
+    """
+
+    def __init__(self, settings: BrokerSettings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.state = "new"
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._publisher: aio_pika.abc.AbstractChannel | None = None
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+
+    def __repr__(self) -> str:
+        return f"<BrokerConnection {self.name} {mask_url(self.settings.url)} {self.state}>"
+
+    @classmethod
+    async def open(cls, settings: BrokerSettings, name: str) -> BrokerConnection:
+        """Connect (bounded by ``connect_timeout_s``) and open the publishing channel."""
+        self = cls(settings, name)
+        timeout = settings.connect_timeout_s
+        try:
+            self._connection = await asyncio.wait_for(
+                aio_pika.connect_robust(
+                    settings.url,
+                    timeout=timeout,
+                    heartbeat=settings.heartbeat_s,
+                    client_properties={"connection_name": name},
+                ),
+                timeout,
+            )
+            self._publisher = await asyncio.wait_for(self._connection.channel(publisher_confirms=True, on_return_raises=True), timeout)
+        except _UNAVAILABLE as exc:
+            await self.aclose()
+            raise BrokerUnavailable(f"cannot connect to RabbitMQ at {mask_url(settings.url)}: {exc!r}") from exc
+        self.state = "open"
+        return self
+
+    async def __aenter__(self) -> BrokerConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the underlying connection is up right now."""
+        return self._connection is not None and not self._connection.is_closed and self._connection.connected.is_set()
+
+    async def channel(self, prefetch: int | None = None) -> aio_pika.abc.AbstractChannel:
+        """A new (robust) channel, e.g. for one consumer."""
+        assert self._connection is not None, "connection is closed"
+        try:
+            channel = await asyncio.wait_for(self._connection.channel(), self.settings.connect_timeout_s)
+            if prefetch:
+                await channel.set_qos(prefetch_count=prefetch)
+        except _UNAVAILABLE as exc:
+            raise BrokerUnavailable(f"cannot open a channel: {exc!r}") from exc
+        return channel
+
+    @property
+    def publisher(self) -> aio_pika.abc.AbstractChannel:
+        """The confirming channel (for declarations too)."""
+        assert self._publisher is not None, "connection is closed"
+        return self._publisher
+
+    async def publish(
+        self,
+        message: aio_pika.abc.AbstractMessage,
+        routing_key: str,
+        exchange: str = "",
+        *,
+        mandatory: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm; raise a BrokerError if it does not come."""
+        timeout = timeout or self.settings.publish_timeout_s
+        try:
+            target = await self._exchange(exchange)
+            await asyncio.wait_for(target.publish(message, routing_key, mandatory=mandatory), timeout)
+        except aiormq.exceptions.PublishError as exc:
+            raise Unroutable(f"no queue is bound for {exchange!r} / {routing_key!r}") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise BrokerRejected(f"the broker refused the message for {routing_key!r} (queue full?)") from exc
+        except _UNAVAILABLE as exc:
+            raise BrokerUnavailable(f"publish to {routing_key!r} failed: {exc!r}") from exc
+
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        if name == "":
+            return self.publisher.default_exchange
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await self.publisher.get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def aclose(self) -> None:
+        """Close the connection; safe to call twice."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        connection, self._connection, self._publisher = self._connection, None, None
+        if connection is not None:
+            try:
+                await asyncio.wait_for(connection.close(), self.settings.connect_timeout_s)
+            except _UNAVAILABLE as exc:
+                log.debug("closing %s: %r", self.name, exc)

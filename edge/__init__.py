@@ -1,0 +1,1 @@
+"""inferq edge: the HTTP API and the job ledger projection."""

@@ -1,0 +1,1 @@
+"""inferq runtime: settings, errors, actors, ONNX sessions, etcd membership."""

@@ -1,0 +1,111 @@
+"""The ``inferq`` command line. Logging handlers are configured here and only here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from runtime.errors import InferqError
+from runtime.settings import Settings
+
+log = logging.getLogger("inferq.cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``inferq`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+    try:
+        settings = Settings.load(args.config)
+        if getattr(args, "model_repository", None):
+            settings = replace(settings, model_repository=Path(args.model_repository))
+        return args.func(settings, args) or 0
+    except InferqError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferq", description="Async inference on RabbitMQ and ONNX Runtime.")
+    parser.add_argument("--config", help="TOML settings file (default: built-in defaults, INFERQ_* overrides)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    worker = sub.add_parser("worker", help="run a shard worker for one model version")
+    worker.add_argument("--model", required=True)
+    worker.add_argument("--version", default=None, help="model version (default: the highest)")
+    worker.add_argument("--model-repository")
+    worker.set_defaults(func=_worker)
+
+    models = sub.add_parser("models", help="model repository commands")
+    msub = models.add_subparsers(required=True, metavar="ACTION")
+    sync = msub.add_parser("sync", help="publish a repository's models to etcd and declare their queues")
+    sync.add_argument("--model-repository")
+    sync.set_defaults(func=_models_sync)
+    demo = msub.add_parser("demo", help="write the demo models (mlp, cnn) into the repository")
+    demo.add_argument("--model-repository")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.set_defaults(func=_models_demo)
+
+    services = sub.add_parser("services", help="start local RabbitMQ and etcd if installed and not running")
+    services.set_defaults(func=_services)
+    return parser
+
+
+def _run(coro) -> None:
+    import uvloop
+
+    uvloop.run(coro)
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.shard import ShardWorker
+    from runtime.repository import load_model
+
+    entry = load_model(settings.model_repository, args.model)
+    worker = ShardWorker(settings, entry, args.version)
+    _run(worker.run())
+    return 1 if worker.failure else 0
+
+
+def _models_sync(settings: Settings, args: argparse.Namespace) -> int:
+    from runtime.loader import sync_repository
+
+    _run(sync_repository(settings))
+    return 0
+
+
+def _models_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from runtime.demo import write_demo_repository
+
+    write_demo_repository(settings.model_repository, overwrite=args.overwrite)
+    print(f"demo models in {settings.model_repository}")
+    return 0
+
+
+def _services(settings: Settings, args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from runtime.services import ensure_etcd, ensure_rabbitmq
+
+    url = urlsplit(settings.broker.url)
+    print("rabbitmq:", ensure_rabbitmq(url.hostname or "127.0.0.1", url.port or 5672))
+    print("etcd:", ensure_etcd(settings.state_dir, settings.etcd.host, settings.etcd.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The model repository: ``<repo>/<model>/<version>/model.onnx`` (+ ``<repo>/<model>/config.toml``).
+
+Input and output names, dtypes and shapes come from the ONNX file itself; the
+highest version is the default. ``config.toml`` holds batching, providers and
+queue limits (see README, "Model configuration").
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.topology import VERSION_RE, QueueLimits, check_model_name
+from runtime.errors import ConfigError, UnknownModel
+
+log = logging.getLogger("inferq.repository")
+
+DEFAULT_PROVIDERS = ("tensorrt", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output; ``None`` in ``shape`` is a dynamic dim."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Per-model settings from ``config.toml``."""
+
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    intra_op_threads: int = 0
+    allow_nan: bool = True
+    queue: QueueLimits = field(default_factory=QueueLimits)
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        """Read ``config.toml``; absent means defaults."""
+        if not path.exists():
+            return cls()
+        try:
+            raw = tomllib.loads(path.read_text())
+            return cls(
+                batching=BatchingConfig(**raw.pop("batching", {})),
+                providers=tuple(raw.pop("providers", DEFAULT_PROVIDERS)),
+                queue=QueueLimits(**raw.pop("queue", {})),
+                **raw,
+            )
+        except (OSError, tomllib.TOMLDecodeError, TypeError) as exc:
+            raise ConfigError(f"bad model config {path}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One servable version: its file and its signature."""
+
+    model: str
+    version: str
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model with all its versions and its config."""
+
+    name: str
+    versions: dict[str, ModelVersion]
+    config: ModelConfig
+
+    @property
+    def default_version(self) -> str:
+        return max(self.versions, key=int)
+
+    def version(self, version: str | None) -> ModelVersion:
+        """The given version, or the default one."""
+        v = version or self.default_version
+        if v not in self.versions:
+            raise UnknownModel(f"model {self.name!r} has no version {v!r} (has {sorted(self.versions, key=int)})")
+        return self.versions[v]
+
+
+def scan(root: Path) -> dict[str, ModelEntry]:
+    """Read every model under ``root``."""
+    if not root.is_dir():
+        raise ConfigError(f"model repository {root} is not a directory")
+    models = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        entry = load_model(root, model_dir.name)
+        if entry.versions:
+            models[entry.name] = entry
+    return models
+
+
+def load_model(root: Path, name: str) -> ModelEntry:
+    """Read one model directory."""
+    check_model_name(name)
+    model_dir = root / name
+    if not model_dir.is_dir():
+        raise UnknownModel(f"model {name!r} is not in repository {root}")
+    versions = {}
+    for vdir in model_dir.iterdir():
+        if vdir.is_dir() and VERSION_RE.match(vdir.name) and (vdir / "model.onnx").exists():
+            versions[vdir.name] = read_signature(name, vdir.name, vdir / "model.onnx")
+    return ModelEntry(name, versions, ModelConfig.load(model_dir / "config.toml"))
+
+
+def read_signature(model: str, version: str, path: Path) -> ModelVersion:
+    """Read inputs and outputs from the ONNX graph, refusing external data outside its directory."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises bare DecodeError/ValueError variants; all mean "bad file"
+        raise ConfigError(f"{path} is not a readable ONNX model: {exc}") from exc
+    _check_external_data(proto, path.parent)
+    initializers = {i.name for i in proto.graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        t = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        return TensorSpec(value.name, tensor_dtype_to_np_dtype(t.elem_type).name, dims)
+
+    inputs = tuple(spec(v) for v in proto.graph.input if v.name not in initializers)
+    outputs = tuple(spec(v) for v in proto.graph.output)
+    return ModelVersion(model, version, path, inputs, outputs)
+
+
+def _check_external_data(proto: Any, directory: Path) -> None:
+    base = directory.resolve()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                target = (base / entry.value).resolve()
+                if not target.is_relative_to(base):
+                    raise ConfigError(f"model in {directory} points at external data outside its directory: {entry.value!r}")

@@ -1,0 +1,112 @@
+"""Fixtures on real services: RabbitMQ and etcd (started by ``make test``), real worker processes.
+
+Every test session works in its own namespace (queue, stream and etcd key
+prefix), so it never sees a developer's running stack, and removes its
+queues at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aio_pika
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from broker.connection import BrokerConnection
+from broker.topology import Topology
+from runtime.coordination import keys, open_etcd
+from runtime.demo import write_demo_repository
+from runtime.loader import sync_repository
+from runtime.repository import scan
+from runtime.settings import EtcdSettings, JobSettings, Settings
+from tests.support import AmqpClient, Process, live_workers, wait_until
+
+MODELS = {"mlp": "mlp", "cnn": "cnn"}
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    root = tmp_path_factory.mktemp("inferq")
+    repo = write_demo_repository(root / "models", MODELS)
+    return Settings(
+        namespace=f"t{uuid.uuid4().hex[:8]}",
+        model_repository=repo,
+        state_dir=root / "state",
+        etcd=EtcdSettings(lease_ttl_s=3),
+        jobs=JobSettings(ttl_s=600),
+    )
+
+
+@pytest.fixture(scope="session")
+async def synced(settings: Settings) -> AsyncIterator[Settings]:
+    """The demo repository declared and published; every namespace queue removed afterwards."""
+    await sync_repository(settings)
+    yield settings
+    await _remove_namespace(settings)
+
+
+async def _remove_namespace(settings: Settings) -> None:
+    topology = Topology(settings.namespace)
+    async with await BrokerConnection.open(settings.broker, "test-cleanup") as connection:
+        channel = await connection.channel()
+        names = [topology.dead, topology.ledger, topology.cancels]
+        for entry in scan(settings.model_repository).values():
+            names += [topology.model_queue(entry.name, v) for v in entry.versions]
+        for name in names:
+            await channel.queue_delete(name)
+        for name in (topology.requests, topology.control, topology.dead):
+            await channel.exchange_delete(name)
+    async with open_etcd(settings.etcd) as client:
+        await client.delete_prefix(keys(settings.namespace).root.encode())
+
+
+@pytest.fixture
+async def spawn_worker(synced: Settings, tmp_path: Path) -> AsyncIterator[Callable[..., asyncio.Future]]:
+    """Start real ``inferq worker`` processes; each is ready (registered in etcd) when returned."""
+    started: list[Process] = []
+
+    async def spawn(model: str = "mlp", *extra: str, env: dict[str, str] | None = None, ready: bool = True) -> Process:
+        before = set(await live_workers(synced, model))
+        proc = Process(["worker", "--model", model, *extra], synced, tmp_path / f"worker-{len(started)}.log", env)
+        started.append(proc)
+        if ready:
+            async def registered() -> bool:
+                assert proc.alive(), proc.output()
+                now = await live_workers(synced, model)
+                return any(v["pid"] == proc.pid for k, v in now.items() if k not in before)
+            await wait_until(registered, 30, f"worker {model} to register")
+        return proc
+
+    yield spawn
+    await asyncio.gather(*(p.stop() for p in started))
+
+
+@pytest.fixture
+async def amqp(synced: Settings) -> AsyncIterator[AmqpClient]:
+    client = await AmqpClient.open(synced)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def reference(settings: Settings) -> Callable[[str, np.ndarray], np.ndarray]:
+    """Direct onnxruntime inference on the same model files, for comparing outputs."""
+    sessions: dict[str, ort.InferenceSession] = {}
+
+    def run(model: str, x: np.ndarray) -> np.ndarray:
+        if model not in sessions:
+            sessions[model] = ort.InferenceSession(str(settings.model_repository / model / "1" / "model.onnx"))
+        return sessions[model].run(None, {"x": x})[0]
+
+    return run
+
+
+def sample(model: str, n: int = 1, seed: int = 0) -> np.ndarray:
+    """Random input for a demo model."""
+    shape = {"mlp": (n, 256), "cnn": (n, 3, 64, 64)}[model]
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)

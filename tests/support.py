@@ -1,0 +1,165 @@
+"""Test helpers: real worker processes, an AMQP client with reply_to, waiting on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import numpy as np
+
+from broker.codec import decode_tensor_map, unpackb
+from broker.connection import BrokerConnection
+from broker.messages import JobRequest
+from broker.topology import Topology
+from runtime.coordination import get_json_prefix, keys, open_etcd
+from runtime.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_until(predicate: Callable[[], Awaitable[Any] | Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Re-check ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that makes a child process use ``settings``."""
+    env = dict(os.environ)
+    env.update(
+        INFERQ_NAMESPACE=settings.namespace,
+        INFERQ_MODEL_REPOSITORY=str(settings.model_repository),
+        INFERQ_STATE_DIR=str(settings.state_dir),
+        INFERQ_ETCD_LEASE_TTL_S=str(settings.etcd.lease_ttl_s),
+        INFERQ_JOBS_TTL_S=str(settings.jobs.ttl_s),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class Process:
+    """A real ``inferq`` child process, stopped (and reaped) by ``stop``/``kill``."""
+
+    def __init__(self, args: list[str], settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        env = settings_env(settings)
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", *args], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        """Wait for exit without blocking the loop."""
+        await wait_until(lambda: self.proc.poll() is not None, timeout, f"process {self.pid} to exit")
+        return self.proc.returncode
+
+    async def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        self.signal(signal.SIGTERM)
+        try:
+            return await self.wait(timeout)
+        except AssertionError:
+            self.kill()
+            return await self.wait(5)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+async def live_workers(settings: Settings, model: str | None = None) -> dict[str, dict[str, Any]]:
+    """Membership records in etcd (optionally of one model)."""
+    async with open_etcd(settings.etcd) as client:
+        records = await get_json_prefix(client, keys(settings.namespace).workers, 5)
+    return {k: v for k, v in records.items() if model is None or v.get("model") == model}
+
+
+class AmqpClient:
+    """Publishes jobs straight to the exchange and collects results on an exclusive reply queue."""
+
+    def __init__(self, connection: BrokerConnection, topology: Topology) -> None:
+        self.connection = connection
+        self.topology = topology
+        self.results: dict[str, dict[str, Any]] = {}
+        self._arrived = asyncio.Event()
+        self.reply_queue: str = ""
+
+    @classmethod
+    async def open(cls, settings: Settings) -> AmqpClient:
+        connection = await BrokerConnection.open(settings.broker, "test-client")
+        self = cls(connection, Topology(settings.namespace))
+        channel = await connection.channel(prefetch=1000)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        self.reply_queue = queue.name
+        await queue.consume(self._on_reply, no_ack=True)
+        return self
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        result = unpackb(message.body)
+        result["correlation_id"] = message.correlation_id
+        self.results[result["job_id"]] = result
+        self._arrived.set()
+
+    async def submit(self, model: str, inputs: dict[str, np.ndarray], job_id: str | None = None, **kwargs: Any) -> str:
+        """Publish one job with reply_to; return its id once the broker confirmed it."""
+        job_id = job_id or uuid.uuid4().hex
+        request = JobRequest(job_id, inputs, reply_to=self.reply_queue, correlation_id=f"c-{job_id}", **kwargs)
+        await self.connection.publish(request.to_message(), model, self.topology.requests, mandatory=True)
+        return job_id
+
+    async def queue_counts(self, queue: str) -> tuple[int, int] | None:
+        """(ready, consumers) of ``queue`` now, read with a raw passive declare (never cached)."""
+        channel = await self.connection.channel()
+        try:
+            ok = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
+            return ok.message_count, ok.consumer_count
+        finally:
+            await channel.close()
+
+    async def publish_raw(self, model: str, message: aio_pika.Message) -> None:
+        await self.connection.publish(message, model, self.topology.requests, mandatory=True)
+
+    async def wait_results(self, job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        """Results of ``job_ids`` once all have arrived."""
+        await wait_until(lambda: all(j in self.results for j in job_ids), timeout, f"{len(job_ids)} results")
+        return {j: self.results[j] for j in job_ids}
+
+    @staticmethod
+    def outputs(result: dict[str, Any]) -> dict[str, np.ndarray]:
+        return decode_tensor_map(result["outputs"], what="outputs")
+
+    async def aclose(self) -> None:
+        await self.connection.aclose()
