@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 
 import aio_pika
@@ -21,6 +22,7 @@ from runtime.errors import BrokerError, BrokerUnavailable, CodecError
 log = logging.getLogger("inferq.ledger")
 
 MAX_EVENTS_PER_MESSAGE = 512
+MARKER_HEADER = "x-inferq-marker"
 
 
 class LedgerWriter:
@@ -111,6 +113,9 @@ class LedgerTail:
         self._handler = handler
         self._offset = offset
         self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._markers: dict[str, asyncio.Future[None]] = {}
+        self._round: asyncio.Future[None] | None = None
+        self._rounds: set[asyncio.Task[None]] = set()
         self.messages_read = 0
 
     @classmethod
@@ -126,7 +131,40 @@ class LedgerTail:
             raise BrokerUnavailable(f"cannot read stream {stream}: {exc!r}") from exc
         return self
 
+    def sync(self) -> asyncio.Future[None]:
+        """Resolve once everything confirmed in the stream before this call has been handled.
+
+        A marker message goes into the stream and we wait to read it back:
+        streams keep one order, so whatever was confirmed earlier, by any
+        process, comes before it. Callers within one loop tick share a marker.
+        """
+        if self._round is None:
+            self._round = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._send_marker(), name=f"ledger-sync:{self._stream}")
+            self._rounds.add(task)
+            task.add_done_callback(self._rounds.discard)
+        return asyncio.shield(self._round)
+
+    async def _send_marker(self) -> None:
+        future, self._round = self._round, None
+        marker = uuid.uuid4().hex
+        self._markers[marker] = future
+        message = aio_pika.Message(b"", headers={MARKER_HEADER: marker})
+        try:
+            await self._connection.publish(message, self._stream)
+        except BrokerError as exc:
+            self._markers.pop(marker, None)
+            future.set_exception(exc)
+            future.exception()  # retrieved here: callers may have given up waiting
+
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        marker = (message.headers or {}).get(MARKER_HEADER)
+        if marker is not None:
+            future = self._markers.pop(str(marker), None)
+            if future is not None and not future.done():
+                future.set_result(None)
+            await message.ack()
+            return
         try:
             events = unpack_events(message.body)
         except CodecError as exc:
@@ -147,6 +185,14 @@ class LedgerTail:
 
     async def aclose(self) -> None:
         """Stop consuming; idempotent."""
+        for task in list(self._rounds):
+            task.cancel()
+        await asyncio.gather(*self._rounds, return_exceptions=True)
+        for future in self._markers.values():
+            if not future.done():
+                future.set_exception(BrokerUnavailable("ledger reader closed"))
+                future.exception()
+        self._markers.clear()
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             try:

@@ -87,21 +87,13 @@ class JobRequest:
         job_id = check_job_id(message.message_id)
         if message.content_type != CONTENT_TYPE:
             raise CodecError(f"content_type must be {CONTENT_TYPE}, got {message.content_type!r}")
-        wire = unpackb(message.body, limits)
-        if not isinstance(wire, dict) or "inputs" not in wire or set(wire) - {"inputs", "outputs", "parameters"}:
-            raise CodecError("body must be a map with 'inputs' and optional 'outputs', 'parameters'")
-        outputs = wire.get("outputs")
-        if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
-            raise CodecError("'outputs' must be a list of output names")
-        parameters = wire.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise CodecError("'parameters' must be a map")
+        inputs, outputs, parameters = parse_body(message.body, limits)
         headers = message.headers or {}
         tenant = headers.get(TENANT_HEADER)
         return cls(
             job_id=job_id,
-            inputs=decode_tensor_map(wire["inputs"], limits),
-            outputs=tuple(outputs) if outputs is not None else None,
+            inputs=inputs,
+            outputs=outputs,
             parameters=parameters,
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
@@ -109,6 +101,20 @@ class JobRequest:
             tenant=tenant if isinstance(tenant, str) else None,
             attempt=delivery_count(message) + 1,
         )
+
+
+def parse_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, np.ndarray], tuple[str, ...] | None, dict[str, Any]]:
+    """Decode a job body ``{"inputs", "outputs"?, "parameters"?}`` (AMQP, or msgpack over HTTP)."""
+    wire = unpackb(body, limits)
+    if not isinstance(wire, dict) or "inputs" not in wire or set(wire) - {"inputs", "outputs", "parameters"}:
+        raise CodecError("body must be a map with 'inputs' and optional 'outputs', 'parameters'")
+    outputs = wire.get("outputs")
+    if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
+        raise CodecError("'outputs' must be a list of output names")
+    parameters = wire.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise CodecError("'parameters' must be a map")
+    return decode_tensor_map(wire["inputs"], limits), tuple(outputs) if outputs is not None else None, parameters
 
 
 def delivery_count(message: aio_pika.abc.AbstractIncomingMessage) -> int:

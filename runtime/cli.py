@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--model-repository")
     worker.set_defaults(func=_worker)
 
+    edge = sub.add_parser("edge", help="run the HTTP edge")
+    edge.add_argument("--host")
+    edge.add_argument("--port", type=int)
+    edge.set_defaults(func=_edge)
+
     models = sub.add_parser("models", help="model repository commands")
     msub = models.add_subparsers(required=True, metavar="ACTION")
     sync = msub.add_parser("sync", help="publish a repository's models to etcd and declare their queues")
@@ -79,6 +84,15 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     worker = ShardWorker(settings, entry, args.version)
     _run(worker.run())
     return 1 if worker.failure else 0
+
+
+def _edge(settings: Settings, args: argparse.Namespace) -> int:
+    from edge.server import EdgeServer
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    server = EdgeServer(replace(settings, edge=replace(settings.edge, **overrides)))
+    _run(server.run())
+    return 1 if server.failure else 0
 
 
 def _models_sync(settings: Settings, args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ boundary into one of these, so callers catch inferq errors only::
      +-- ConfigError                 bad settings, model repository or model config
      +-- CodecError                  a message or tensor that cannot be decoded
      |    +-- MessageTooLarge        over a configured size bound
+     |    +-- UnsupportedMedia       a content type we do not speak
      +-- InvalidInput                a well-formed request that does not fit the model
      |    +-- UnknownModel           no such model or version
      +-- BrokerError                 RabbitMQ trouble
@@ -14,6 +15,8 @@ boundary into one of these, so callers catch inferq errors only::
      |    +-- BrokerRejected         the broker refused a publish (queue full: back off)
      |    +-- Unroutable             no queue is bound for the routing key
      |    +-- TopologyError          a declaration clashes with what exists
+     +-- NotFound                    no such job (or not the caller's)
+     +-- Conflict                    the request clashes with the job's state
      +-- CoordinationError           etcd trouble
      +-- InferenceError              ONNX Runtime failed to load or run a model
 
@@ -39,6 +42,18 @@ class CodecError(InferqError):
 
 class MessageTooLarge(CodecError):
     code = "too_large"
+
+
+class UnsupportedMedia(CodecError):
+    code = "unsupported_media_type"
+
+
+class NotFound(InferqError):
+    code = "not_found"
+
+
+class Conflict(InferqError):
+    code = "conflict"
 
 
 class InvalidInput(InferqError):

@@ -8,11 +8,12 @@ queues at the end.
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import aio_pika
+import aiohttp
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -33,6 +34,9 @@ MODELS = {"mlp": "mlp", "cnn": "cnn"}
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     root = tmp_path_factory.mktemp("inferq")
     repo = write_demo_repository(root / "models", MODELS)
+    # "tiny": the MLP behind a queue that holds 3 jobs, for backpressure tests.
+    write_demo_repository(repo, {"mlp": "tiny"})
+    (repo / "tiny" / "config.toml").write_text("[queue]\nmax_length = 3\n")
     return Settings(
         namespace=f"t{uuid.uuid4().hex[:8]}",
         model_repository=repo,
@@ -84,6 +88,53 @@ async def spawn_worker(synced: Settings, tmp_path: Path) -> AsyncIterator[Callab
 
     yield spawn
     await asyncio.gather(*(p.stop() for p in started))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Edge:
+    """A running ``inferq edge`` process and its base URL."""
+
+    def __init__(self, process: Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def spawn_edge(synced: Settings, tmp_path: Path) -> AsyncIterator[Callable[..., asyncio.Future]]:
+    """Start real ``inferq edge`` processes; each answers /v2/health/ready when returned."""
+    started: list[Process] = []
+
+    async def spawn(port: int | None = None, env: dict[str, str] | None = None) -> Edge:
+        port = port or free_port()
+        proc = Process(["edge", "--port", str(port)], synced, tmp_path / f"edge-{len(started)}.log", env)
+        started.append(proc)
+        edge = Edge(proc, port)
+
+        async def ready() -> bool:
+            assert proc.alive(), proc.output()
+            try:
+                async with aiohttp.ClientSession() as http, http.get(f"{edge.url}/v2/health/ready") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await wait_until(ready, 30, "the edge to be ready", interval=0.1)
+        return edge
+
+    yield spawn
+    await asyncio.gather(*(p.stop() for p in started))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
 
 
 @pytest.fixture
