@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(func=_models_demo)
 
+    up = sub.add_parser("up", help="run the whole stack locally (demo models by default)")
+    up.add_argument("--model-repository")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.add_argument("--autoscale", action="store_true", help="let the autoscaler start workers instead of one per model")
+    up.set_defaults(func=_up)
+
     services = sub.add_parser("services", help="start local RabbitMQ and etcd if installed and not running")
     services.set_defaults(func=_services)
     return parser
@@ -93,6 +100,21 @@ def _edge(settings: Settings, args: argparse.Namespace) -> int:
     server = EdgeServer(replace(settings, edge=replace(settings.edge, **overrides)))
     _run(server.run())
     return 1 if server.failure else 0
+
+
+def _up(settings: Settings, args: argparse.Namespace) -> int:
+    from runtime.up import prepare, up
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = replace(settings, edge=replace(settings.edge, **overrides))
+    prepare(settings)
+    result: list[int] = []
+
+    async def main() -> None:
+        result.append(await up(settings, args.autoscale))
+
+    _run(main())
+    return result[0] if result else 1
 
 
 def _models_sync(settings: Settings, args: argparse.Namespace) -> int:
