@@ -25,6 +25,7 @@ from actors.deadletter import DeadLetterReaper
 from actors.planner import Group, plan
 from broker.codec import encode_tensor, packb
 from broker.connection import BrokerConnection
+from broker.control import ControlListener, worker_key
 from broker.ledger import LedgerWriter
 from broker.messages import CONTENT_TYPE, FAILED, RUNNING, SUCCEEDED, JobEvent, JobRequest, check_job_id, error_dict
 from broker.topology import Topology
@@ -88,6 +89,7 @@ class ShardWorker(Actor):
         self._session: ModelSession | None = None
         self._etcd: Any = None
         self._lease: MembershipLease | None = None
+        self._control: ControlListener | None = None
 
     async def on_start(self) -> None:
         s = self.settings
@@ -100,6 +102,9 @@ class ShardWorker(Actor):
         self._ledger = await LedgerWriter(self._connection, self.topology.ledger).__aenter__()
         self._cancels = await CancelSet.follow(self._connection, self.topology.cancels, s.jobs.ttl_s)
         self._reaper = await DeadLetterReaper.start(self._connection, self.topology.dead, self._ledger, self.topology.model_queue_prefix)
+        self._control = await ControlListener.start(
+            self._connection, self.topology.control, [worker_key(self.worker_id)], self._on_command
+        )
         self.spawn(self._batch_loop(), "batches")
         await self._consume()
         # Registered only once consuming: "ready" in etcd means jobs are being taken.
@@ -231,11 +236,19 @@ class ShardWorker(Actor):
             if isinstance(result, BaseException):
                 log.info("reply not delivered: %r", result)
 
+    async def _on_command(self, command: dict[str, Any]) -> None:
+        if command["command"] == "drain":
+            log.info("drain requested over the control exchange")
+            self.request_stop()
+        else:
+            log.warning("unknown command %r", command["command"])
+
     async def _report_stats(self) -> None:
         last: dict[str, Any] = {}
         while True:
             await asyncio.sleep(1.0)
-            current = self.stats.to_dict()
+            # Prefetched jobs waiting in the mailbox are in flight too: the autoscaler counts them as backlog.
+            current = dict(self.stats.to_dict(), inflight=self.stats.inflight + self.mailbox.qsize())
             if current != last:
                 try:
                     await self._lease.update(stats=current)
@@ -269,7 +282,7 @@ class ShardWorker(Actor):
         for batch in list(self._batches):
             batch.cancel()
         await asyncio.gather(*list(self._batches), return_exceptions=True)
-        for closer in (self._lease, self._reaper, self._cancels, self._ledger):
+        for closer in (self._lease, self._control, self._reaper, self._cancels, self._ledger):
             if closer is not None:
                 await closer.aclose()
         if self._channel is not None and not self._channel.is_closed:

@@ -87,6 +87,26 @@ class BrokerConnection:
             raise BrokerUnavailable(f"cannot open a channel: {exc!r}") from exc
         return channel
 
+    async def queue_counts(self, queue: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of ``queue``, read fresh; None if it does not exist or the broker is away.
+
+        A raw passive declare on a throwaway channel: aio-pika's cached queue
+        objects can report stale counts, and a missing queue closes the channel.
+        """
+        try:
+            channel = await self.channel()
+        except BrokerUnavailable:
+            return None
+        try:
+            raw = await channel.get_underlay_channel()
+            ok = await asyncio.wait_for(raw.queue_declare(queue, passive=True), self.settings.connect_timeout_s)
+            return ok.message_count, ok.consumer_count
+        except (*_UNAVAILABLE, aiormq.exceptions.AMQPError):
+            return None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
     @property
     def publisher(self) -> aio_pika.abc.AbstractChannel:
         """The confirming channel (for declarations too)."""

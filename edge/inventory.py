@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aetcd
@@ -10,7 +9,7 @@ import aetcd
 from broker.connection import BrokerConnection
 from broker.topology import Topology
 from runtime.coordination import get_json_prefix, keys
-from runtime.errors import BrokerUnavailable, CoordinationError
+from runtime.errors import CoordinationError
 
 
 class Inventory:
@@ -32,16 +31,5 @@ class Inventory:
 
     async def queue_depth(self, model: str, version: str) -> int | None:
         """Jobs waiting in a version's queue (ready, not yet delivered), or None if unknown."""
-        try:
-            channel = await self._connection.channel()
-        except BrokerUnavailable:
-            return None
-        try:
-            raw = await channel.get_underlay_channel()
-            ok = await asyncio.wait_for(raw.queue_declare(self._topology.model_queue(model, version), passive=True), self._timeout)
-            return ok.message_count
-        except Exception:  # a missing queue closes the channel with 404; depth is just unknown then
-            return None
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        counts = await self._connection.queue_counts(self._topology.model_queue(model, version))
+        return counts[0] if counts else None

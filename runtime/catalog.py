@@ -28,6 +28,8 @@ def model_record(entry: ModelEntry) -> dict[str, Any]:
         "batching": {"max_batch_size": entry.config.batching.max_batch_size, "max_queue_delay_ms": entry.config.batching.max_queue_delay_ms},
         "allow_nan": entry.config.allow_nan,
         "providers": list(entry.config.providers),
+        "require_providers": list(entry.config.require_providers),
+        "scaling": dict(entry.config.scaling),
     }
 
 

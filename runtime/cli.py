@@ -55,6 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     edge.add_argument("--port", type=int)
     edge.set_defaults(func=_edge)
 
+    autoscaler = sub.add_parser("autoscaler", help="run the autoscaler (one acts; others stand by)")
+    autoscaler.add_argument("--launcher", choices=["local", "agent"], help="how workers are started (default: config)")
+    autoscaler.add_argument("--model-repository")
+    autoscaler.set_defaults(func=_autoscaler)
+
+    agent = sub.add_parser("agent", help="run the edge-node agent that starts workers on this node")
+    agent.add_argument("--node", help="node name (default: settings.node, the host name)")
+    agent.add_argument("--capacity", type=int, default=2, help="most workers this node runs at once")
+    agent.add_argument("--model-repository")
+    agent.set_defaults(func=_agent)
+
+    drain = sub.add_parser("drain", help="ask a worker to drain and exit")
+    drain.add_argument("worker_id")
+    drain.set_defaults(func=_drain)
+
     models = sub.add_parser("models", help="model repository commands")
     msub = models.add_subparsers(required=True, metavar="ACTION")
     sync = msub.add_parser("sync", help="publish a repository's models to etcd and declare their queues")
@@ -115,6 +130,36 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
 
     _run(main())
     return result[0] if result else 1
+
+
+def _autoscaler(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.autoscaler import Autoscaler
+
+    scaler = Autoscaler(settings, args.launcher or settings.autoscaler.launcher)
+    _run(scaler.run())
+    return 1 if scaler.failure else 0
+
+
+def _agent(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.agent import Agent
+
+    agent = Agent(settings, args.node or settings.node, args.capacity)
+    _run(agent.run())
+    return 1 if agent.failure else 0
+
+
+def _drain(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.launcher import drain
+    from broker.connection import BrokerConnection
+    from broker.topology import Topology
+
+    async def main() -> None:
+        async with await BrokerConnection.open(settings.broker, "inferq-drain") as connection:
+            await drain(connection, Topology(settings.namespace), args.worker_id)
+
+    _run(main())
+    print(f"drain sent to {args.worker_id}")
+    return 0
 
 
 def _models_sync(settings: Settings, args: argparse.Namespace) -> int:

@@ -3,7 +3,11 @@
 Key layout (``<ns>`` is the namespace, ``inferq`` by default)::
 
     /<ns>/workers/<worker-id>   JSON membership record, attached to the worker's lease
-    /<ns>/models/<model>        JSON model metadata (versions, signature, batching)
+    /<ns>/models/<model>        JSON model metadata (versions, signature, batching, scaling)
+    /<ns>/policies/<model>      JSON scaling-policy overrides, changeable at run time
+    /<ns>/autoscaler/leader     the acting autoscaler (lease-backed; fencing by create revision)
+    /<ns>/autoscaler/decisions/<model>.<version>   the last scaling decision and its inputs
+    /<ns>/nodes/<node>          edge-node agents: providers offered, capacity (lease-backed)
 """
 
 from __future__ import annotations
@@ -65,6 +69,28 @@ class _Keys:
 
     def model(self, name: str) -> str:
         return f"{self.models}{name}"
+
+    @property
+    def policies(self) -> str:
+        return f"{self.root}/policies/"
+
+    def policy(self, model: str) -> str:
+        return f"{self.policies}{model}"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.root}/autoscaler/leader"
+
+    @property
+    def decisions(self) -> str:
+        return f"{self.root}/autoscaler/decisions/"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.root}/nodes/"
+
+    def node(self, name: str) -> str:
+        return f"{self.nodes}{name}"
 
 
 async def get_json_prefix(client: aetcd.Client, prefix: str, timeout: float) -> dict[str, Any]:

@@ -52,7 +52,9 @@ class ModelConfig:
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     intra_op_threads: int = 0
     allow_nan: bool = True
+    require_providers: tuple[str, ...] = ()
     queue: QueueLimits = field(default_factory=QueueLimits)
+    scaling: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
@@ -65,6 +67,7 @@ class ModelConfig:
                 batching=BatchingConfig(**raw.pop("batching", {})),
                 providers=tuple(raw.pop("providers", DEFAULT_PROVIDERS)),
                 queue=QueueLimits(**raw.pop("queue", {})),
+                require_providers=tuple(raw.pop("require_providers", ())),
                 **raw,
             )
         except (OSError, tomllib.TOMLDecodeError, TypeError) as exc:

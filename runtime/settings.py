@@ -81,6 +81,28 @@ class EdgeSettings:
 
 
 @dataclass(frozen=True)
+class AutoscalerSettings:
+    """The autoscaler's loop and the default scaling policy of every model."""
+
+    interval_s: float = 2.0
+    launcher: str = "local"
+    models: str = ""  # comma-separated model names to scale; empty: every model
+    min_workers: int = 0
+    max_workers: int = 4
+    target_backlog_per_worker: int = 64
+    scale_up_stabilization_s: float = 0.0
+    scale_down_stabilization_s: float = 30.0
+    idle_before_zero_s: float = 60.0
+
+    def policy(self) -> typing.Any:
+        """The default :class:`~actors.policy.ScalingPolicy`."""
+        from actors.policy import ScalingPolicy
+
+        names = {f.name for f in dataclasses.fields(ScalingPolicy)}
+        return ScalingPolicy(**{k: v for k, v in dataclasses.asdict(self).items() if k in names}).checked()
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a process needs, passed explicitly."""
 
@@ -92,6 +114,7 @@ class Settings:
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
+    autoscaler: AutoscalerSettings = field(default_factory=AutoscalerSettings)
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:

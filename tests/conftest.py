@@ -8,6 +8,7 @@ queues at the end.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from runtime.demo import write_demo_repository
 from runtime.loader import sync_repository
 from runtime.repository import scan
 from runtime.settings import EtcdSettings, JobSettings, Settings
+from tests.models import write_slow_model
 from tests.support import AmqpClient, Process, live_workers, wait_until
 
 MODELS = {"mlp": "mlp", "cnn": "cnn"}
@@ -37,6 +39,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     # "tiny": the MLP behind a queue that holds 3 jobs, for backpressure tests.
     write_demo_repository(repo, {"mlp": "tiny"})
     (repo / "tiny" / "config.toml").write_text("[queue]\nmax_length = 3\n")
+    # Models the autoscaler tests own, one per test so their workers never meet.
+    for name in ("scaled", "drained", "leader", "replaced", "placed"):
+        write_demo_repository(repo, {"mlp": name})
+    write_slow_model(repo, "slow", layers=4000)
     return Settings(
         namespace=f"t{uuid.uuid4().hex[:8]}",
         model_repository=repo,
@@ -129,6 +135,48 @@ async def spawn_edge(synced: Settings, tmp_path: Path) -> AsyncIterator[Callable
 
     yield spawn
     await asyncio.gather(*(p.stop() for p in started))
+
+
+@pytest.fixture
+async def spawn_autoscaler(synced: Settings, tmp_path: Path) -> AsyncIterator[Callable[..., asyncio.Future]]:
+    """Start real ``inferq autoscaler`` processes scaling only ``models``."""
+    started: list[Process] = []
+
+    async def spawn(models: str, *extra: str, env: dict[str, str] | None = None) -> Process:
+        env = {"INFERQ_AUTOSCALER_MODELS": models, "INFERQ_AUTOSCALER_INTERVAL_S": "0.5", **(env or {})}
+        proc = Process(["autoscaler", *extra], synced, tmp_path / f"autoscaler-{len(started)}.log", env)
+        started.append(proc)
+        return proc
+
+    yield spawn
+    await asyncio.gather(*(p.stop(timeout=40) for p in started))
+
+
+@pytest.fixture
+async def spawn_agent(synced: Settings, tmp_path: Path) -> AsyncIterator[Callable[..., asyncio.Future]]:
+    """Start real ``inferq agent`` processes; each is registered in etcd when returned."""
+    started: list[Process] = []
+
+    async def spawn(node: str, capacity: int = 2) -> Process:
+        proc = Process(["agent", "--node", node, "--capacity", str(capacity)], synced, tmp_path / f"agent-{node}.log")
+        started.append(proc)
+
+        async def registered() -> bool:
+            assert proc.alive(), proc.output()
+            async with open_etcd(synced.etcd) as client:
+                return await client.get(keys(synced.namespace).node(node).encode()) is not None
+
+        await wait_until(registered, 30, f"agent {node} to register")
+        return proc
+
+    yield spawn
+    await asyncio.gather(*(p.stop(timeout=40) for p in started))
+
+
+async def set_policy(settings: Settings, model: str, **policy: object) -> None:
+    """Change a model's scaling policy at run time, through etcd."""
+    async with open_etcd(settings.etcd) as client:
+        await client.put(keys(settings.namespace).policy(model).encode(), json.dumps(policy).encode())
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import subprocess
@@ -114,6 +115,7 @@ class AmqpClient:
         self.connection = connection
         self.topology = topology
         self.results: dict[str, dict[str, Any]] = {}
+        self.reply_counts: collections.Counter[str] = collections.Counter()
         self._arrived = asyncio.Event()
         self.reply_queue: str = ""
 
@@ -131,6 +133,7 @@ class AmqpClient:
         result = unpackb(message.body)
         result["correlation_id"] = message.correlation_id
         self.results[result["job_id"]] = result
+        self.reply_counts[result["job_id"]] += 1
         self._arrived.set()
 
     async def submit(self, model: str, inputs: dict[str, np.ndarray], job_id: str | None = None, **kwargs: Any) -> str:
@@ -141,13 +144,8 @@ class AmqpClient:
         return job_id
 
     async def queue_counts(self, queue: str) -> tuple[int, int] | None:
-        """(ready, consumers) of ``queue`` now, read with a raw passive declare (never cached)."""
-        channel = await self.connection.channel()
-        try:
-            ok = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
-            return ok.message_count, ok.consumer_count
-        finally:
-            await channel.close()
+        """(ready, consumers) of ``queue`` now."""
+        return await self.connection.queue_counts(queue)
 
     async def publish_raw(self, model: str, message: aio_pika.Message) -> None:
         await self.connection.publish(message, model, self.topology.requests, mandatory=True)

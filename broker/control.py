@@ -1,0 +1,78 @@
+"""Commands to actors over the control exchange (``<ns>.control``, topic).
+
+Routing keys: ``worker.<worker-id>`` (e.g. drain), ``agent.<node>`` (spawn,
+drain on an edge node). Bodies are msgpack maps with a ``command`` field;
+see README, "Control commands".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+
+from broker.codec import packb, unpackb
+from broker.connection import BrokerConnection
+from broker.messages import CONTENT_TYPE
+from runtime.errors import CodecError
+
+log = logging.getLogger("inferq.control")
+
+Handler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def worker_key(worker_id: str) -> str:
+    return f"worker.{worker_id}"
+
+
+def agent_key(node: str) -> str:
+    return f"agent.{node}"
+
+
+async def send(connection: BrokerConnection, exchange: str, routing_key: str, command: dict[str, Any]) -> None:
+    """Publish one command and wait for the broker's confirm (raises Unroutable if nobody listens)."""
+    message = aio_pika.Message(packb(command), content_type=CONTENT_TYPE)
+    await connection.publish(message, routing_key, exchange, mandatory=True)
+
+
+class ControlListener:
+    """An exclusive queue bound to ``routing_keys``; hands each command to ``handler``."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+
+    @classmethod
+    async def start(cls, connection: BrokerConnection, exchange: str, routing_keys: list[str], handler: Handler) -> ControlListener:
+        self = cls(handler)
+        self._channel = await connection.channel(prefetch=10)
+        ex = await self._channel.get_exchange(exchange, ensure=False)
+        queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in routing_keys:
+            await queue.bind(ex, routing_key=key)
+        await queue.consume(self._on_message)
+        return self
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            command = unpackb(message.body)
+            if not isinstance(command, dict) or not isinstance(command.get("command"), str):
+                raise CodecError("a control command must be a map with a 'command' string")
+        except CodecError as exc:
+            log.warning("ignoring a malformed control message: %s", exc)
+            await message.reject(requeue=False)
+            return
+        await message.ack()
+        await self._handler(command)
+
+    async def aclose(self) -> None:
+        """Stop listening; idempotent."""
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            try:
+                await asyncio.wait_for(channel.close(), 5)
+            except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as exc:
+                log.debug("closing control channel: %r", exc)

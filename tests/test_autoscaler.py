@@ -1,0 +1,138 @@
+"""The autoscaler on real RabbitMQ, etcd and worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+
+from actors.launcher import NoCapacity, place
+from actors.policy import Recommender, ScalingPolicy
+from runtime.coordination import keys, open_etcd
+from tests.conftest import sample, set_policy
+from tests.support import live_workers, wait_until
+
+FAST = dict(scale_up_stabilization_s=0, scale_down_stabilization_s=1, idle_before_zero_s=2)
+
+
+def test_recommender_clamps_smooths_and_activates() -> None:
+    policy = ScalingPolicy(min_workers=0, max_workers=3, target_backlog_per_worker=10,
+                           scale_up_stabilization_s=0, scale_down_stabilization_s=5, idle_before_zero_s=10)
+    r = Recommender()
+    assert r.decide(policy, 0, backlog=1, current=0) == (1, "activation: jobs waiting and no worker")
+    assert r.decide(policy, 1, backlog=100, current=1)[0] == 3
+    assert r.decide(policy, 2, backlog=0, current=3)[0] == 3, "a scale-down waits for its window"
+    assert r.decide(policy, 8, backlog=0, current=3)[0] == 1, "the last worker waits for idle_before_zero_s"
+    assert r.decide(policy, 12, backlog=0, current=1)[0] == 1, "still inside the scale-down window"
+    assert r.decide(policy, 14, backlog=0, current=1)[0] == 0
+
+
+def test_placement_respects_required_providers_and_capacity() -> None:
+    nodes = {"gpu": {"providers": ["cuda", "cpu"], "capacity": 2, "workers": 1},
+             "cpu": {"providers": ["cpu"], "capacity": 4, "workers": 0},
+             "full": {"providers": ["tensorrt", "cuda", "cpu"], "capacity": 1, "workers": 1}}
+    assert place(nodes, ["cuda"]) == "gpu"
+    assert place(nodes, []) == "cpu"
+    with pytest.raises(NoCapacity):
+        place(nodes, ["tensorrt"])
+
+
+async def test_backlog_scales_from_zero_to_several_workers_and_back_to_zero(synced, spawn_autoscaler, amqp) -> None:
+    await set_policy(synced, "scaled", min_workers=0, max_workers=3, target_backlog_per_worker=100, **FAST)
+    jobs = [await amqp.submit("scaled", {"x": sample("mlp", seed=i)}) for i in range(400)]
+    await spawn_autoscaler("scaled")
+    peak = 0
+
+    async def all_done() -> bool:
+        nonlocal peak
+        peak = max(peak, len(await live_workers(synced, "scaled")))
+        return all(j in amqp.results for j in jobs)
+
+    await wait_until(all_done, 60, "every job to be served", interval=0.2)
+    assert peak > 1, "a backlog of 400 with a target of 100 per worker must start several workers"
+    assert {r["status"] for r in amqp.results.values()} == {"succeeded"}
+    assert all(amqp.reply_counts[j] == 1 for j in jobs), "each job ran exactly once"
+
+    async def scaled_to_zero() -> bool:
+        return not await live_workers(synced, "scaled")
+
+    await wait_until(scaled_to_zero, 30, "scale to zero after idle", interval=0.2)
+
+
+async def test_scale_down_under_load_drains_a_busy_worker_without_losing_jobs(synced, spawn_autoscaler, amqp) -> None:
+    await set_policy(synced, "slow", min_workers=2, max_workers=2, target_backlog_per_worker=1, **FAST)
+    await spawn_autoscaler("slow")
+
+    async def workers(n: int) -> bool:
+        return len([w for w in (await live_workers(synced, "slow")).values() if w["state"] == "ready"]) == n
+
+    await wait_until(lambda: workers(2), 60, "two workers")
+    jobs: list[str] = []
+
+    async def steady_load() -> None:
+        for i in range(150):
+            jobs.append(await amqp.submit("slow", {"x": sample("mlp", seed=i)}))
+            await asyncio.sleep(0.02)
+
+    load = asyncio.create_task(steady_load())
+    await wait_until(lambda: len(amqp.results) > 10, 30, "both workers to be serving")
+    await set_policy(synced, "slow", min_workers=1, max_workers=1, target_backlog_per_worker=1, **FAST)
+    await wait_until(lambda: workers(1), 30, "one worker drained while the load goes on")
+    await load
+    results = await amqp.wait_results(jobs, timeout=90)
+    assert {r["status"] for r in results.values()} == {"succeeded"}
+
+
+async def test_a_standby_autoscaler_takes_over_when_the_leader_is_killed(synced, spawn_autoscaler) -> None:
+    await set_policy(synced, "leader", min_workers=0, max_workers=1)
+    first, second = await spawn_autoscaler("leader"), await spawn_autoscaler("leader")
+    key = keys(synced.namespace).leader.encode()
+    async with open_etcd(synced.etcd) as client:
+        async def holder() -> str | None:
+            kv = await client.get(key)
+            return kv.value.decode() if kv else None
+
+        leader = await wait_until(holder, 30, "a leader to be elected")
+        by_pid = {str(p.pid): p for p in (first, second)}
+        acting = next(p for pid, p in by_pid.items() if f"-{pid}-" in leader)
+        standby = second if acting is first else first
+        acting.signal(signal.SIGKILL)
+        holders = set()
+
+        async def standby_leads() -> bool:
+            current = await holder()
+            holders.add(current)
+            return current is not None and f"-{standby.pid}-" in current
+
+        await wait_until(standby_leads, synced.etcd.lease_ttl_s + 10, "the standby to take over", interval=0.1)
+        assert holders <= {leader, None, await holder()}, "the key names one leader at a time"
+        assert standby.alive()
+
+
+async def test_a_killed_worker_is_replaced_and_leaves_the_membership(synced, spawn_autoscaler) -> None:
+    await set_policy(synced, "replaced", min_workers=0, max_workers=2, **FAST)
+    await spawn_autoscaler("replaced")
+    await set_policy(synced, "replaced", min_workers=1, max_workers=2, **FAST)  # a policy change takes effect live
+    first = await wait_until(lambda: live_workers(synced, "replaced"), 60, "the policy's minimum worker")
+    (worker_id, record), = first.items()
+    import os
+
+    os.kill(record["pid"], signal.SIGKILL)
+
+    async def replaced() -> dict | None:
+        now = await live_workers(synced, "replaced")
+        return now if now and worker_id not in now else None
+
+    now = await wait_until(replaced, synced.etcd.lease_ttl_s + 60, "a replacement after the lease expired", interval=0.2)
+    assert all(r["pid"] != record["pid"] for r in now.values())
+
+
+async def test_agent_launcher_starts_workers_on_a_node_that_fits(synced, spawn_autoscaler, spawn_agent, amqp) -> None:
+    await spawn_agent("node-a", capacity=2)
+    await set_policy(synced, "placed", min_workers=1, max_workers=1, **FAST)
+    await spawn_autoscaler("placed", "--launcher", "agent")
+    workers = await wait_until(lambda: live_workers(synced, "placed"), 60, "a worker started by the agent")
+    assert [w["node"] for w in workers.values()] == ["node-a"]
+    job = await amqp.submit("placed", {"x": sample("mlp")})
+    assert (await amqp.wait_results([job], 30))[job]["status"] == "succeeded"
