@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--model-repository")
     up.add_argument("--host")
     up.add_argument("--port", type=int)
-    up.add_argument("--autoscale", action="store_true", help="let the autoscaler start workers instead of one per model")
+    up.add_argument("--min-workers", type=int, default=1, help="workers kept per model (0 = scale to zero when idle)")
     up.set_defaults(func=_up)
 
     services = sub.add_parser("services", help="start local RabbitMQ and etcd if installed and not running")
@@ -126,7 +126,7 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
     result: list[int] = []
 
     async def main() -> None:
-        result.append(await up(settings, args.autoscale))
+        result.append(await up(settings, args.min_workers))
 
     _run(main())
     return result[0] if result else 1

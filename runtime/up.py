@@ -28,23 +28,21 @@ def prepare(settings: Settings) -> None:
         write_demo_repository(repo)
 
 
-async def up(settings: Settings, autoscale: bool) -> int:
-    """Run edge, workers (or the autoscaler) until Ctrl-C, then stop them in order."""
+async def up(settings: Settings, min_workers: int) -> int:
+    """Run the edge and the autoscaler (which starts the workers) until Ctrl-C, then stop them in order."""
     models = await sync_repository(settings)
     logs = settings.state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {"INFERQ_MODEL_REPOSITORY": str(settings.model_repository.resolve()), "INFERQ_STATE_DIR": str(settings.state_dir.resolve())}
+    env = {"INFERQ_MODEL_REPOSITORY": str(settings.model_repository.resolve()), "INFERQ_STATE_DIR": str(settings.state_dir.resolve()),
+           "INFERQ_AUTOSCALER_MIN_WORKERS": str(min_workers)}
     children: list[ChildProcess] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        if autoscale:
-            children.append(await ChildProcess.start("autoscaler", ["autoscaler"], env, logs / "autoscaler.log"))
-        else:
-            for model in models:
-                children.append(await ChildProcess.start(f"worker {model}", ["worker", "--model", model], env, logs / f"worker-{model}.log"))
+        # Workers are the autoscaler's: min_workers per model at once, more under load, drained when it stops.
+        children.append(await ChildProcess.start("autoscaler", ["autoscaler", "--launcher", "local"], env, logs / "autoscaler.log"))
         edge_args = ["edge", "--host", settings.edge.host, "--port", str(settings.edge.port)]
         children.append(await ChildProcess.start("edge", edge_args, env, logs / "edge.log"))
         _banner(settings, models, logs)
