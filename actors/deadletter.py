@@ -56,8 +56,9 @@ class DeadLetterReaper:
     async def start(cls, connection: BrokerConnection, queue: str, ledger: LedgerWriter, queue_prefix: str) -> DeadLetterReaper:
         self = cls(ledger, queue_prefix)
         self._channel = await connection.channel(prefetch=100)
-        q = await self._channel.get_queue(queue, ensure=False)
-        await q.consume(self._on_message)
+        # Declared (passively) and held on self: aio-pika restores only such queues after a reconnect.
+        self._queue = await self._channel.declare_queue(queue, passive=True)
+        await self._queue.consume(self._on_message)
         return self
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:

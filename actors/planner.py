@@ -31,6 +31,10 @@ class Group:
             return dict(self.requests[0].inputs)
         return {n: np.concatenate([r.inputs[n] for r in self.requests], axis=0) for n in names}
 
+    def singles(self) -> list[Group]:
+        """One group per job (to isolate a job that breaks a batched run)."""
+        return [Group([j], [r], [c]) for j, r, c in zip(self.jobs, self.requests, self.counts)]
+
     def split(self, outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Per-job slices of the batched outputs."""
         bounds = np.cumsum([0, *self.counts])

@@ -27,7 +27,7 @@ from broker.codec import encode_tensor, packb
 from broker.connection import BrokerConnection
 from broker.control import ControlListener, worker_key
 from broker.ledger import LedgerWriter
-from broker.messages import CONTENT_TYPE, FAILED, RUNNING, SUCCEEDED, JobEvent, JobRequest, check_job_id, error_dict
+from broker.messages import CONTENT_TYPE, EXPIRED, FAILED, RUNNING, SUCCEEDED, JobEvent, JobRequest, check_job_id, error_dict
 from broker.topology import Topology
 from runtime.actor import Actor
 from runtime.coordination import keys, open_etcd
@@ -125,7 +125,7 @@ class ShardWorker(Actor):
     async def _consume(self) -> None:
         prefetch = self.batcher.max_size * 2
         self._channel = await self._connection.channel(prefetch=prefetch)
-        self._queue = await self._channel.get_queue(self.topology.model_queue(self.entry.name, self.version.version), ensure=False)
+        self._queue = await self._channel.declare_queue(self.topology.model_queue(self.entry.name, self.version.version), passive=True)
         self._consumer_tag = await self._queue.consume(self._on_delivery, consumer_tag=self.worker_id)
 
     async def _on_delivery(self, message: Delivery) -> None:
@@ -160,9 +160,10 @@ class ShardWorker(Actor):
             final.append(self._event(request, FAILED, delivery, error=error_dict(exc.code, str(exc))))
         runnable = [(d, r) for g in groups for d, r in zip(g.jobs, g.requests)]
         running = asyncio.ensure_future(self._ledger.write([self._event(r, RUNNING, d) for d, r in runnable]))
+        retries: list[tuple[Delivery, JobRequest]] = []
         for group in groups:
-            final.extend(await self._run_group(group, started))
-        await asyncio.shield(self._finish(deliveries, bad, final, running))
+            final.extend(await self._run_group(group, started, retries))
+        await asyncio.shield(self._finish(deliveries, bad, final, running, retries))
 
     def _decode(self, deliveries: list[Delivery]) -> tuple[list[tuple[Delivery, JobRequest]], list[JobEvent], list[Delivery]]:
         """Decoded jobs, failure events of malformed ones, and the malformed deliveries.
@@ -179,6 +180,10 @@ class ShardWorker(Actor):
                 continue
             if request.job_id in self._cancels:
                 continue
+            if _expired(delivery):
+                final.append(JobEvent(request.job_id, EXPIRED, self.entry.name, self.version.version, tenant=request.tenant,
+                                      error=error_dict("expired", "job was not started within its TTL"), worker=self.worker_id))
+                continue
             jobs.append((delivery, request))
         return jobs, final, bad
 
@@ -190,13 +195,16 @@ class ShardWorker(Actor):
             return []
         return [JobEvent(job_id, FAILED, self.entry.name, self.version.version, error=error_dict(exc.code, str(exc)), worker=self.worker_id)]
 
-    async def _run_group(self, group: Group, started: float) -> list[JobEvent]:
+    async def _run_group(self, group: Group, started: float, retries: list[tuple[Delivery, JobRequest]]) -> list[JobEvent]:
         self.stats.record_batch(len(group.requests))
         t0 = time.perf_counter()
         try:
             outputs = await self._session.run(group.feed(), list(group.requests[0].outputs or []) or None)
         except InferenceError as exc:
-            return [self._event(r, FAILED, d, error=error_dict(exc.code, str(exc))) for d, r in zip(group.jobs, group.requests)]
+            if len(group.requests) > 1:
+                # One job can break a batched run: run each alone so only that job fails.
+                return [e for single in group.singles() for e in await self._run_group(single, started, retries)]
+            return self._failed_run(group.jobs[0], group.requests[0], exc, retries)
         timings = {"inference_ms": round((time.perf_counter() - t0) * 1000, 3), "batch_size": len(group.requests)}
         events = []
         for delivery, request, out in zip(group.jobs, group.requests, group.split(outputs)):
@@ -204,13 +212,22 @@ class ShardWorker(Actor):
             events.append(self._event(request, SUCCEEDED, delivery, outputs=wire, timings=dict(timings, **_queue_ms(delivery, started))))
         return events
 
+    def _failed_run(self, delivery: Delivery, request: JobRequest, exc: InferenceError, retries: list[tuple[Delivery, JobRequest]]) -> list[JobEvent]:
+        retry = self.entry.config.retry
+        if retry.is_transient(str(exc)) and request.attempt < retry.max_attempts:
+            log.warning("job %s attempt %d hit a transient error, retrying: %s", request.job_id, request.attempt, exc)
+            retries.append((delivery, request))
+            return []
+        return [self._event(request, FAILED, delivery, error=error_dict(exc.code, str(exc)))]
+
     def _event(self, request: JobRequest, status: str, delivery: Delivery, **extra: Any) -> JobEvent:
         return JobEvent(
             request.job_id, status, self.entry.name, self.version.version, tenant=request.tenant,
             attempt=request.attempt, worker=self.worker_id, **extra,
         )
 
-    async def _finish(self, deliveries: list[Delivery], bad: list[Delivery], final: list[JobEvent], running: asyncio.Future[None]) -> None:
+    async def _finish(self, deliveries: list[Delivery], bad: list[Delivery], final: list[JobEvent],
+                      running: asyncio.Future[None], retries: list[tuple[Delivery, JobRequest]]) -> None:
         try:
             await running
             await self._ledger.write(final)
@@ -220,9 +237,15 @@ class ShardWorker(Actor):
         self.stats.jobs += sum(1 for e in final if e.status == SUCCEEDED)
         self.stats.failed += sum(1 for e in final if e.status == FAILED)
         await self._reply(deliveries, final)
-        bad_ids = {id(d) for d in bad}
+        bad_ids, retry_ids = {id(d) for d in bad}, {id(d) for d, _ in retries}
         for delivery in deliveries:
-            await _settle(delivery, reject=id(delivery) in bad_ids)
+            if id(delivery) not in retry_ids:
+                await _settle(delivery, reject=id(delivery) in bad_ids)
+        if retries:
+            attempt = max(r.attempt for _, r in retries)
+            await asyncio.sleep(self.entry.config.retry.backoff_s * 2 ** (attempt - 1))
+            for delivery, _ in retries:
+                await _settle(delivery, requeue=True)
 
     async def _reply(self, deliveries: list[Delivery], final: list[JobEvent]) -> None:
         by_id = {e.job_id: e for e in final}
@@ -296,6 +319,13 @@ class ShardWorker(Actor):
             await self._etcd.close()
         if self._session is not None:
             await self._session.aclose()
+
+
+def _expired(delivery: Delivery) -> bool:
+    """Whether a job's TTL (AMQP expiration, counted from its timestamp) ran out before it could start."""
+    if delivery.expiration is None or delivery.timestamp is None:
+        return False
+    return delivery.timestamp.timestamp() + delivery.expiration < time.time()
 
 
 def _queue_ms(delivery: Delivery, started: float) -> dict[str, float]:

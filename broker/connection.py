@@ -39,6 +39,7 @@ class BrokerConnection:
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publisher: aio_pika.abc.AbstractChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._reopen_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<BrokerConnection {self.name} {mask_url(self.settings.url)} {self.state}>"
@@ -53,6 +54,7 @@ class BrokerConnection:
                 aio_pika.connect_robust(
                     settings.url,
                     timeout=timeout,
+                    reconnect_interval=settings.reconnect_interval_s,
                     heartbeat=settings.heartbeat_s,
                     client_properties={"connection_name": name},
                 ),
@@ -83,7 +85,7 @@ class BrokerConnection:
             channel = await asyncio.wait_for(self._connection.channel(), self.settings.connect_timeout_s)
             if prefetch:
                 await channel.set_qos(prefetch_count=prefetch)
-        except _UNAVAILABLE as exc:
+        except (*_UNAVAILABLE, RuntimeError) as exc:  # RuntimeError: "Connection was not opened" mid-reconnect
             raise BrokerUnavailable(f"cannot open a channel: {exc!r}") from exc
         return channel
 
@@ -124,15 +126,38 @@ class BrokerConnection:
     ) -> None:
         """Publish and wait for the broker's confirm; raise a BrokerError if it does not come."""
         timeout = timeout or self.settings.publish_timeout_s
+        if not self.connected:
+            # Fail fast while reconnecting: a caller should answer 503 now, not after the timeout.
+            raise BrokerUnavailable("not connected to RabbitMQ (reconnecting)")
         try:
+            await self._ensure_publisher()
             target = await self._exchange(exchange)
             await asyncio.wait_for(target.publish(message, routing_key, mandatory=mandatory), timeout)
         except aiormq.exceptions.PublishError as exc:
             raise Unroutable(f"no queue is bound for {exchange!r} / {routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise BrokerRejected(f"the broker refused the message for {routing_key!r} (queue full?)") from exc
-        except _UNAVAILABLE as exc:
+        except (*_UNAVAILABLE, RuntimeError) as exc:  # aio-pika raises RuntimeError("... closed") mid-reconnect
             raise BrokerUnavailable(f"publish to {routing_key!r} failed: {exc!r}") from exc
+        except asyncio.CancelledError as exc:
+            # aiormq cancels pending confirms when the connection drops; only a
+            # cancellation of our own task is a real one.
+            if asyncio.current_task().cancelling():
+                raise
+            raise BrokerUnavailable(f"publish to {routing_key!r} lost with the connection") from exc
+
+    async def _ensure_publisher(self) -> None:
+        # aio-pika does not always reopen a confirming channel that had publishes
+        # in flight when the connection dropped; open a fresh one then.
+        if self._publisher is not None and not self._publisher.is_closed:
+            return
+        async with self._reopen_lock:
+            if self._publisher is None or self._publisher.is_closed:
+                log.info("%s: reopening the publishing channel", self.name)
+                self._publisher = await asyncio.wait_for(
+                    self._connection.channel(publisher_confirms=True, on_return_raises=True), self.settings.connect_timeout_s
+                )
+                self._exchanges.clear()
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         if name == "":

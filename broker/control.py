@@ -50,10 +50,12 @@ class ControlListener:
         self = cls(handler)
         self._channel = await connection.channel(prefetch=10)
         ex = await self._channel.get_exchange(exchange, ensure=False)
-        queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+        # Held on self: aio-pika restores only queues (and bindings) still referenced after a reconnect.
+        self._exchange = ex
+        self._queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
         for key in routing_keys:
-            await queue.bind(ex, routing_key=key)
-        await queue.consume(self._on_message)
+            await self._queue.bind(ex, routing_key=key)
+        await self._queue.consume(self._on_message)
         return self
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:

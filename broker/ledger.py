@@ -75,10 +75,11 @@ class LedgerWriter:
         message = aio_pika.Message(pack_events(events), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
             await self._connection.publish(message, self._stream)
-        except BrokerError as exc:
+        except Exception as exc:  # the flusher must outlive any failure: each writer learns of it instead
+            error = exc if isinstance(exc, BrokerError) else BrokerUnavailable(f"ledger write failed: {exc!r}")
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(error)
             return
         self.messages_written += 1
         for _, future in batch:
@@ -124,8 +125,9 @@ class LedgerTail:
         self = cls(connection, stream, handler, offset)
         self._channel = await connection.channel(prefetch=2000)
         try:
-            queue = await self._channel.get_queue(stream, ensure=False)
-            await queue.consume(self._on_message, arguments={"x-stream-offset": offset})
+            # Declared (passively) and held on self: aio-pika restores only such queues after a reconnect.
+            self._queue = await self._channel.declare_queue(stream, passive=True)
+            await self._queue.consume(self._on_message, arguments={"x-stream-offset": offset})
         except (aio_pika.exceptions.AMQPError, OSError) as exc:
             await self.aclose()
             raise BrokerUnavailable(f"cannot read stream {stream}: {exc!r}") from exc

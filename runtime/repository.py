@@ -44,6 +44,20 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class RetryConfig:
+    """Which inference errors are worth another attempt, and how often."""
+
+    max_attempts: int = 3
+    backoff_s: float = 0.5
+    transient_errors: tuple[str, ...] = ("out of memory", "CUDA", "cuDNN", "TensorRT", "resource exhausted", "bad_alloc")
+
+    def is_transient(self, message: str) -> bool:
+        """Whether an error message matches one of ``transient_errors`` (case-insensitive substrings)."""
+        lowered = message.lower()
+        return any(pattern.lower() in lowered for pattern in self.transient_errors)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Per-model settings from ``config.toml``."""
 
@@ -54,6 +68,7 @@ class ModelConfig:
     allow_nan: bool = True
     require_providers: tuple[str, ...] = ()
     queue: QueueLimits = field(default_factory=QueueLimits)
+    retry: RetryConfig = field(default_factory=RetryConfig)
     scaling: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -68,6 +83,7 @@ class ModelConfig:
                 providers=tuple(raw.pop("providers", DEFAULT_PROVIDERS)),
                 queue=QueueLimits(**raw.pop("queue", {})),
                 require_providers=tuple(raw.pop("require_providers", ())),
+                retry=_retry(raw.pop("retry", {})),
                 **raw,
             )
         except (OSError, tomllib.TOMLDecodeError, TypeError) as exc:
@@ -75,6 +91,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _retry(raw: dict[str, Any]) -> RetryConfig:
+    if "transient_errors" in raw:
+        raw = dict(raw, transient_errors=tuple(raw["transient_errors"]))
+    return RetryConfig(**raw)
 
 
 @dataclass(frozen=True)

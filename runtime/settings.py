@@ -39,6 +39,7 @@ class BrokerSettings:
     connect_timeout_s: float = 5.0
     publish_timeout_s: float = 10.0
     heartbeat_s: int = 30
+    reconnect_interval_s: float = 1.0
 
     def __repr__(self) -> str:
         return f"BrokerSettings(url={mask_url(self.url)!r}, connect_timeout_s={self.connect_timeout_s})"

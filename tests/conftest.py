@@ -26,7 +26,7 @@ from runtime.demo import write_demo_repository
 from runtime.loader import sync_repository
 from runtime.repository import scan
 from runtime.settings import EtcdSettings, JobSettings, Settings
-from tests.models import write_slow_model
+from tests.models import write_reshape_model, write_slow_model
 from tests.support import AmqpClient, Process, live_workers, wait_until
 
 MODELS = {"mlp": "mlp", "cnn": "cnn"}
@@ -37,12 +37,18 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     root = tmp_path_factory.mktemp("inferq")
     repo = write_demo_repository(root / "models", MODELS)
     # "tiny": the MLP behind a queue that holds 3 jobs, for backpressure tests.
-    write_demo_repository(repo, {"mlp": "tiny"})
-    (repo / "tiny" / "config.toml").write_text("[queue]\nmax_length = 3\n")
+    for name in ("tiny", "tiny2"):
+        write_demo_repository(repo, {"mlp": name})
+        (repo / name / "config.toml").write_text("[queue]\nmax_length = 3\n")
     # Models the autoscaler tests own, one per test so their workers never meet.
     for name in ("scaled", "drained", "leader", "replaced", "placed"):
         write_demo_repository(repo, {"mlp": name})
     write_slow_model(repo, "slow", layers=4000)
+    write_slow_model(repo, "poison", layers=4000, config="[queue]\ndelivery_limit = 2\n")
+    write_reshape_model(repo, "reshape")
+    write_reshape_model(repo, "reshape_retry", '[retry]\nmax_attempts = 3\nbackoff_s = 0.05\ntransient_errors = ["reshape"]\n')
+    write_demo_repository(repo, {"mlp": "strict"})
+    (repo / "strict" / "config.toml").write_text("allow_nan = false\n")
     return Settings(
         namespace=f"t{uuid.uuid4().hex[:8]}",
         model_repository=repo,

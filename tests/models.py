@@ -35,3 +35,22 @@ def write_slow_model(root: Path, name: str, layers: int = 600, config: str = "")
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     (root / name / "config.toml").write_text("intra_op_threads = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_ms = 1.0\n" + config)
+
+
+def write_reshape_model(root: Path, name: str, config: str = "") -> None:
+    """x float32[N,4], shape int64[2] -> Reshape(x, shape): a shape that does not fit makes ONNX Runtime raise."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = root / name / "1" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    (root / name / "config.toml").write_text(config)
