@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from actors.launcher import LocalLauncher
+from actors.launcher import LocalLauncher, node_providers
 from broker.connection import BrokerConnection
 from broker.control import ControlListener, agent_key
 from broker.topology import Topology
@@ -23,18 +23,9 @@ from runtime.actor import Actor
 from runtime.coordination import keys, open_etcd
 from runtime.errors import CoordinationError, InferqError
 from runtime.membership import MembershipLease
-from runtime.session import PROVIDER_NAMES
 from runtime.settings import Settings
 
 log = logging.getLogger("inferq.agent")
-
-
-def node_providers() -> list[str]:
-    """Short names of the execution providers this node's onnxruntime has."""
-    import onnxruntime as ort
-
-    available = set(ort.get_available_providers())
-    return [short for short, name in PROVIDER_NAMES.items() if name in available]
 
 
 class Agent(Actor):

@@ -109,8 +109,8 @@ class Autoscaler(Actor):
         try:
             policy = base.merged(record.get("scaling")).merged(override if isinstance(override, dict) else None)
         except ConfigError as exc:
-            log.warning("model %s: bad policy ignored: %s", record["name"], exc)
-            policy = base.merged(record.get("scaling"))
+            log.warning("model %s: bad scaling policy, using the defaults: %s", record["name"], exc)
+            policy = base
         # Only the default version keeps a floor of workers; older versions drain to zero when idle.
         return policy if version == record["default_version"] else replace(policy, min_workers=0)
 

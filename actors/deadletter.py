@@ -16,6 +16,7 @@ import aio_pika
 
 from broker.connection import BrokerConnection
 from broker.ledger import LedgerWriter
+from broker.replies import send_reply
 from broker.messages import EXPIRED, FAILED, JOB_ID_RE, TENANT_HEADER, JobEvent, error_dict
 from runtime.errors import BrokerError
 
@@ -47,14 +48,15 @@ def event_for(message: aio_pika.abc.AbstractIncomingMessage, queue_prefix: str) 
 class DeadLetterReaper:
     """Consumes the dead-letter queue and writes final events. Build with :meth:`start`."""
 
-    def __init__(self, ledger: LedgerWriter, queue_prefix: str) -> None:
+    def __init__(self, connection: BrokerConnection, ledger: LedgerWriter, queue_prefix: str) -> None:
+        self._connection = connection
         self._ledger = ledger
         self._prefix = queue_prefix
         self._channel: aio_pika.abc.AbstractChannel | None = None
 
     @classmethod
     async def start(cls, connection: BrokerConnection, queue: str, ledger: LedgerWriter, queue_prefix: str) -> DeadLetterReaper:
-        self = cls(ledger, queue_prefix)
+        self = cls(connection, ledger, queue_prefix)
         self._channel = await connection.channel(prefetch=100)
         # Declared (passively) and held on self: aio-pika restores only such queues after a reconnect.
         self._queue = await self._channel.declare_queue(queue, passive=True)
@@ -71,6 +73,7 @@ class DeadLetterReaper:
                 await message.nack(requeue=True)
                 return
             log.info("job %s dead-lettered: %s", event.job_id, event.status)
+            await send_reply(self._connection, message, event)
         await message.ack()
 
     async def aclose(self) -> None:

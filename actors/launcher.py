@@ -21,6 +21,7 @@ from broker.topology import Topology
 from runtime.coordination import get_json_prefix, keys
 from runtime.errors import InferqError
 from runtime.process import ChildProcess
+from runtime.session import PROVIDER_NAMES
 from runtime.settings import Settings
 
 log = logging.getLogger("inferq.launcher")
@@ -57,6 +58,9 @@ class LocalLauncher:
         return sum(1 for c in self._children if c.returncode is None)
 
     async def spawn(self, model: str, version: str, requires: list[str]) -> str:
+        missing = set(requires) - set(node_providers())
+        if missing:
+            raise NoCapacity(f"this host's onnxruntime lacks {sorted(missing)} required by {model}")
         self._children = [c for c in self._children if c.returncode is None]
         self._log_dir.mkdir(parents=True, exist_ok=True)
         name = f"worker {model}:{version}"
@@ -71,6 +75,14 @@ class LocalLauncher:
         for child in self._children:
             await child.aclose()
         self._children.clear()
+
+
+def node_providers() -> list[str]:
+    """Short names of the execution providers this host's onnxruntime offers."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [short for short, name in PROVIDER_NAMES.items() if name in available]
 
 
 def worker_env(settings: Settings) -> dict[str, str]:

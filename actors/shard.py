@@ -23,11 +23,12 @@ from actors.batcher import Batcher
 from actors.cancels import CancelSet
 from actors.deadletter import DeadLetterReaper
 from actors.planner import Group, plan
-from broker.codec import encode_tensor, packb
+from broker.codec import encode_tensor
 from broker.connection import BrokerConnection
 from broker.control import ControlListener, worker_key
 from broker.ledger import LedgerWriter
-from broker.messages import CONTENT_TYPE, EXPIRED, FAILED, RUNNING, SUCCEEDED, JobEvent, JobRequest, check_job_id, error_dict
+from broker.replies import send_reply
+from broker.messages import EXPIRED, FAILED, RUNNING, SUCCEEDED, JobEvent, JobRequest, check_job_id, error_dict, submitted_at
 from broker.topology import Topology
 from runtime.actor import Actor
 from runtime.coordination import keys, open_etcd
@@ -249,15 +250,9 @@ class ShardWorker(Actor):
 
     async def _reply(self, deliveries: list[Delivery], final: list[JobEvent]) -> None:
         by_id = {e.job_id: e for e in final}
-        sends = []
-        for delivery in deliveries:
-            event = by_id.get(delivery.message_id or "")
-            if delivery.reply_to and event is not None:
-                message = aio_pika.Message(packb(event.result()), content_type=CONTENT_TYPE, correlation_id=delivery.correlation_id, message_id=event.job_id)
-                sends.append(self._connection.publish(message, delivery.reply_to))
-        for result in await asyncio.gather(*sends, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.info("reply not delivered: %r", result)
+        await asyncio.gather(*(
+            send_reply(self._connection, d, by_id[d.message_id]) for d in deliveries if d.reply_to and d.message_id in by_id
+        ))
 
     async def _on_command(self, command: dict[str, Any]) -> None:
         if command["command"] == "drain":
@@ -322,17 +317,18 @@ class ShardWorker(Actor):
 
 
 def _expired(delivery: Delivery) -> bool:
-    """Whether a job's TTL (AMQP expiration, counted from its timestamp) ran out before it could start."""
-    if delivery.expiration is None or delivery.timestamp is None:
+    """Whether a job's TTL (AMQP expiration, counted from its submission) ran out before it could start."""
+    submitted, slack = submitted_at(delivery)
+    if delivery.expiration is None or submitted is None:
         return False
-    return delivery.timestamp.timestamp() + delivery.expiration < time.time()
+    return submitted + delivery.expiration + slack < time.time()
 
 
 def _queue_ms(delivery: Delivery, started: float) -> dict[str, float]:
-    ts = delivery.timestamp
-    if ts is None:
+    submitted, _ = submitted_at(delivery)
+    if submitted is None:
         return {}
-    return {"queue_ms": round(max(0.0, started - ts.timestamp()) * 1000, 3)}
+    return {"queue_ms": round(max(0.0, started - submitted) * 1000, 3)}
 
 
 async def _settle(delivery: Delivery, reject: bool = False, requeue: bool = False) -> None:

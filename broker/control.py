@@ -1,7 +1,6 @@
 """Commands to actors over the control exchange (``<ns>.control``, topic).
 
-Routing keys: ``worker.<worker-id>`` (e.g. drain), ``agent.<node>`` (spawn,
-drain on an edge node). Bodies are msgpack maps with a ``command`` field;
+Routing keys: ``worker.<worker-id>`` (``drain``), ``agent.<node>`` (``spawn``). Bodies are msgpack maps with a ``command`` field;
 see README, "Control commands".
 """
 

@@ -21,6 +21,7 @@ from runtime.errors import CodecError
 
 CONTENT_TYPE = "application/msgpack"
 TENANT_HEADER = "x-inferq-tenant"
+SUBMITTED_HEADER = "x-inferq-submitted-at"  # float seconds: the AMQP timestamp has one-second resolution
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED = (
@@ -68,6 +69,7 @@ class JobRequest:
 
     def to_message(self, body: bytes | None = None) -> aio_pika.Message:
         """The AMQP message, persistent, with the job id as ``message_id``."""
+        now = time.time()
         return aio_pika.Message(
             body if body is not None else self.body(),
             message_id=self.job_id,
@@ -77,8 +79,8 @@ class JobRequest:
             correlation_id=self.correlation_id,
             priority=self.priority,
             expiration=self.ttl_s,
-            headers={TENANT_HEADER: self.tenant} if self.tenant else None,
-            timestamp=time.time(),
+            headers={SUBMITTED_HEADER: now, **({TENANT_HEADER: self.tenant} if self.tenant else {})},
+            timestamp=now,
         )
 
     @classmethod
@@ -115,6 +117,20 @@ def parse_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, 
     if not isinstance(parameters, dict):
         raise CodecError("'parameters' must be a map")
     return decode_tensor_map(wire["inputs"], limits), tuple(outputs) if outputs is not None else None, parameters
+
+
+def submitted_at(message: aio_pika.abc.AbstractIncomingMessage) -> tuple[float | None, float]:
+    """When the job was published, and how uncertain that is (seconds).
+
+    inferq's own publishers set a precise header; other AMQP clients may set
+    only the AMQP timestamp, which has one-second resolution.
+    """
+    precise = (message.headers or {}).get(SUBMITTED_HEADER)
+    if isinstance(precise, (int, float)):
+        return float(precise), 0.0
+    if message.timestamp is not None:
+        return message.timestamp.timestamp(), 1.0
+    return None, 0.0
 
 
 def delivery_count(message: aio_pika.abc.AbstractIncomingMessage) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 from typing import Any
 
 from aiohttp import web
@@ -11,6 +10,7 @@ from aiohttp import web
 from broker.codec import decode_tensor_map, packb
 from broker.messages import SUCCEEDED, parse_body
 from edge import v2
+from edge.auth import Authenticator
 from edge.errors import error_response, json_errors
 from edge.inventory import Inventory
 from edge.jobs import JobService, Submission
@@ -52,15 +52,16 @@ def job_document(state: JobState, binary: bool) -> dict[str, Any]:
 class EdgeAPI:
     """The request handlers; all state lives in the JobService and the Inventory."""
 
-    def __init__(self, service: JobService, inventory: Inventory, settings: EdgeSettings, ready: Any) -> None:
+    def __init__(self, service: JobService, inventory: Inventory, settings: EdgeSettings, ready: Any, auth: Authenticator) -> None:
         self.service = service
+        self.auth = auth
         self.inventory = inventory
         self.settings = settings
         self._ready = ready
 
     def app(self) -> web.Application:
         """The aiohttp application with every route."""
-        app = web.Application(middlewares=[json_errors], client_max_size=self.settings.max_body_bytes)
+        app = web.Application(middlewares=[json_errors, self.auth.middleware()], client_max_size=self.settings.max_body_bytes)
         r = app.router
         r.add_post("/v1/models/{model}/jobs", self.submit_job)
         r.add_post("/v1/models/{model}/versions/{version}/jobs", self.submit_job)
@@ -162,8 +163,10 @@ class EdgeAPI:
         body = await self._body(request)
         parsed = v2.parse_infer_request(body, _header_length(request))
         outputs = tuple(o.name for o in parsed.outputs) if parsed.outputs else None
+        # A synchronous caller gives up after sync_timeout_s: the job must not run after that.
         sub = Submission(request.match_info["model"], request.match_info.get("version"), parsed.inputs, outputs,
-                         parsed.parameters, tenant=self._tenant(request))
+                         parsed.parameters, tenant=self._tenant(request),
+                         ttl_s=min(self.settings.sync_timeout_s, self.service.default_ttl_s))
         state, _ = await self.service.submit(sub)
         state = await self.service.get(state.job_id, sub.tenant, self.settings.sync_timeout_s)
         if not state.terminal:

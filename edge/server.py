@@ -12,6 +12,7 @@ from actors.deadletter import DeadLetterReaper
 from broker.connection import BrokerConnection
 from broker.ledger import LedgerTail, LedgerWriter
 from broker.topology import Topology
+from edge.auth import Authenticator, load_keys_file
 from edge.http import EdgeAPI
 from edge.inventory import Inventory
 from edge.jobs import JobService
@@ -56,7 +57,9 @@ class EdgeServer(Actor):
         self.spawn(directory.refresh_forever(), "model-refresh")
         await self._catch_up(tail)
         service = JobService(self._connection, self.topology, directory, self.projection, tail, ledger, cancels, s.jobs.ttl_s)
-        api = EdgeAPI(service, Inventory(etcd, self._connection, self.topology, s.etcd.timeout_s), s.edge, self.is_ready)
+        auth = Authenticator(s.edge.auth, load_keys_file(s.edge.api_keys_file), etcd, s.namespace, s.etcd.timeout_s,
+                             s.edge.rate_per_s, s.edge.burst)
+        api = EdgeAPI(service, Inventory(etcd, self._connection, self.topology, s.etcd.timeout_s), s.edge, self.is_ready, auth)
         self._runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.edge.host, s.edge.port, reuse_address=True)

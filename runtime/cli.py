@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--model-repository")
     agent.set_defaults(func=_agent)
 
+    apikey = sub.add_parser("apikey", help="API keys for the HTTP edge")
+    asub = apikey.add_subparsers(required=True, metavar="ACTION")
+    create = asub.add_parser("create", help="create a key for a tenant (printed once; etcd keeps its hash)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--rate", type=float, default=0.0, help="submissions per second (0: unlimited)")
+    create.add_argument("--burst", type=int, default=0)
+    create.set_defaults(func=_apikey_create)
+
     drain = sub.add_parser("drain", help="ask a worker to drain and exit")
     drain.add_argument("worker_id")
     drain.set_defaults(func=_drain)
@@ -92,10 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(coro) -> None:
+def _run(coro):
+    """Run ``coro`` on uvloop and return its result."""
     import uvloop
 
-    uvloop.run(coro)
+    return uvloop.run(coro)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
@@ -123,13 +132,9 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = replace(settings, edge=replace(settings.edge, **overrides))
     prepare(settings)
-    result: list[int] = []
-
-    async def main() -> None:
-        result.append(await up(settings, args.min_workers))
-
-    _run(main())
-    return result[0] if result else 1
+    if args.config:
+        os.environ["INFERQ_CONFIG"] = str(Path(args.config).resolve())  # the children read the same file
+    return _run(up(settings, args.min_workers))
 
 
 def _autoscaler(settings: Settings, args: argparse.Namespace) -> int:
@@ -146,6 +151,18 @@ def _agent(settings: Settings, args: argparse.Namespace) -> int:
     agent = Agent(settings, args.node or settings.node, args.capacity)
     _run(agent.run())
     return 1 if agent.failure else 0
+
+
+def _apikey_create(settings: Settings, args: argparse.Namespace) -> int:
+    from edge.auth import create_key
+    from runtime.coordination import open_etcd
+
+    async def main() -> str:
+        async with open_etcd(settings.etcd) as client:
+            return await create_key(client, settings.namespace, args.tenant, args.rate, args.burst, settings.etcd.timeout_s)
+
+    print(_run(main()))
+    return 0
 
 
 def _drain(settings: Settings, args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 * ``mlp``: x float32[N,256] -> probs float32[N,10]
 * ``cnn``: x float32[N,3,64,64] -> logits float32[N,10]
+* ``transformer``: x float32[N,128,256] -> y float32[N,128,256] (one pre-norm encoder block)
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ CNN_CONFIG = """\
 max_batch_size = 16
 max_queue_delay_ms = 4.0
 """
+
+TRANSFORMER_CONFIG = """\
+[batching]
+max_batch_size = 8
+max_queue_delay_ms = 4.0
+"""
+
+SEQ_LEN = 128
+D_MODEL = 256
+N_HEADS = 4
+D_FF = 1024
 
 
 def _init(rng: np.random.Generator, name: str, shape: tuple[int, ...]):
@@ -86,6 +98,78 @@ def build_cnn(seed: int = SEED):
     return _model(graph)
 
 
+def build_transformer(seed: int = SEED):
+    """One pre-norm transformer encoder block: 4-head self-attention and a GELU MLP, each with a residual.
+
+    ``y = h + MLP(LN(h))`` with ``h = x + Attention(LN(x))``; sequence 128, width 256.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed + 2)
+    d, heads, head_dim, ff = D_MODEL, N_HEADS, D_MODEL // N_HEADS, D_FF
+
+    def const(name: str, values: np.ndarray):
+        return numpy_helper.from_array(values, name)
+
+    # Weights are stored [in, out] for MatMul, scaled by 1/sqrt(fan-in); biases start at zero.
+    def dense(name: str, n_in: int, n_out: int) -> list:
+        w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+        return [const(f"{name}_w", w), const(f"{name}_b", np.zeros(n_out, np.float32))]
+
+    inits = [
+        const("ln1_g", np.ones(d, np.float32)), const("ln1_b", np.zeros(d, np.float32)),
+        const("ln2_g", np.ones(d, np.float32)), const("ln2_b", np.zeros(d, np.float32)),
+        *dense("qkv", d, 3 * d), *dense("proj", d, d), *dense("ff1", d, ff), *dense("ff2", ff, d),
+        const("heads_shape", np.array([0, SEQ_LEN, 3, heads, head_dim], np.int64)),
+        const("merge_shape", np.array([0, SEQ_LEN, d], np.int64)),
+        const("scale", np.array(1.0 / np.sqrt(head_dim), np.float32)),
+        const("half", np.array(0.5, np.float32)), const("one", np.array(1.0, np.float32)),
+        const("inv_sqrt2", np.array(1.0 / np.sqrt(2.0), np.float32)),
+    ]
+    nodes = [
+        # attention
+        helper.make_node("LayerNormalization", ["x", "ln1_g", "ln1_b"], ["n1"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["n1", "qkv_w"], ["qkv_m"]),
+        helper.make_node("Add", ["qkv_m", "qkv_b"], ["qkv"]),
+        helper.make_node("Reshape", ["qkv", "heads_shape"], ["qkv_h"]),           # [N,S,3,H,Dh]
+        helper.make_node("Transpose", ["qkv_h"], ["qkv_t"], perm=[2, 0, 3, 1, 4]),  # [3,N,H,S,Dh]
+        helper.make_node("Split", ["qkv_t"], ["q3", "k3", "v3"], axis=0),
+        helper.make_node("Squeeze", ["q3", "zero_axis"], ["q"]),
+        helper.make_node("Squeeze", ["k3", "zero_axis"], ["k"]),
+        helper.make_node("Squeeze", ["v3", "zero_axis"], ["v"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),            # [N,H,Dh,S]
+        helper.make_node("MatMul", ["q", "kt"], ["scores_raw"]),                   # [N,H,S,S]
+        helper.make_node("Mul", ["scores_raw", "scale"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["attn"], axis=-1),
+        helper.make_node("MatMul", ["attn", "v"], ["ctx"]),                        # [N,H,S,Dh]
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),       # [N,S,H,Dh]
+        helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["ctx_m"]),
+        helper.make_node("MatMul", ["ctx_m", "proj_w"], ["o_m"]),
+        helper.make_node("Add", ["o_m", "proj_b"], ["o"]),
+        helper.make_node("Add", ["x", "o"], ["h"]),
+        # MLP with the exact (erf) GELU
+        helper.make_node("LayerNormalization", ["h", "ln2_g", "ln2_b"], ["n2"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["n2", "ff1_w"], ["f1_m"]),
+        helper.make_node("Add", ["f1_m", "ff1_b"], ["f1"]),
+        helper.make_node("Mul", ["f1", "inv_sqrt2"], ["g_s"]),
+        helper.make_node("Erf", ["g_s"], ["g_e"]),
+        helper.make_node("Add", ["g_e", "one"], ["g_p"]),
+        helper.make_node("Mul", ["f1", "g_p"], ["g_m"]),
+        helper.make_node("Mul", ["g_m", "half"], ["gelu"]),
+        helper.make_node("MatMul", ["gelu", "ff2_w"], ["f2_m"]),
+        helper.make_node("Add", ["f2_m", "ff2_b"], ["f2"]),
+        helper.make_node("Add", ["h", "f2"], ["y"]),
+    ]
+    inits.append(const("zero_axis", np.array([0], np.int64)))
+    graph = helper.make_graph(
+        nodes, "transformer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", SEQ_LEN, D_MODEL])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", SEQ_LEN, D_MODEL])],
+        inits,
+    )
+    return _model(graph)
+
+
 def _model(graph):
     from onnx import checker, helper
 
@@ -95,7 +179,11 @@ def _model(graph):
     return model
 
 
-DEMO_MODELS: dict[str, tuple[Callable, str]] = {"mlp": (build_mlp, MLP_CONFIG), "cnn": (build_cnn, CNN_CONFIG)}
+DEMO_MODELS: dict[str, tuple[Callable, str]] = {
+    "mlp": (build_mlp, MLP_CONFIG),
+    "cnn": (build_cnn, CNN_CONFIG),
+    "transformer": (build_transformer, TRANSFORMER_CONFIG),
+}
 
 
 def write_demo_repository(root: Path, names: dict[str, str] | None = None, overwrite: bool = False) -> Path:

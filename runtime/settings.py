@@ -78,7 +78,10 @@ class EdgeSettings:
     max_jobs_in_memory: int = 100_000
     max_wait_s: float = 60.0
     sync_timeout_s: float = 60.0
-    miss_grace_s: float = 0.25
+    auth: bool = False
+    api_keys_file: str = ""
+    rate_per_s: float = 0.0  # submissions per second per tenant (0: unlimited) for keys that set none
+    burst: int = 0
 
 
 @dataclass(frozen=True)

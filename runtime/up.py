@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 from runtime.demo import write_demo_repository
 from runtime.loader import sync_repository
 from runtime.process import ChildProcess
-from runtime.repository import scan
 from runtime.services import ensure_etcd, ensure_rabbitmq
 from runtime.settings import Settings
 

@@ -11,7 +11,6 @@ import pytest
 
 from broker.codec import decode_tensor_map, encode_tensor, packb
 from tests.conftest import sample
-from tests.support import AmqpClient
 
 
 def v2_input(x: np.ndarray, name: str = "x", datatype: str = "FP32") -> dict:

@@ -1,0 +1,127 @@
+"""Bad input at the HTTP edge, API keys and tenants, rate limits."""
+
+from __future__ import annotations
+
+import gzip
+import math
+
+import numpy as np
+import pytest
+
+from broker.codec import encode_tensor, packb
+from edge.auth import create_key
+from runtime.coordination import open_etcd
+from runtime.errors import ConfigError
+from runtime.repository import read_signature
+from tests.conftest import sample
+from tests.test_edge import poll, v2_input
+
+
+async def test_nan_is_refused_where_the_model_config_forbids_it(spawn_edge, http) -> None:
+    edge = await spawn_edge()
+    x = sample("mlp")
+    x[0, 3] = math.nan
+    body = packb({"inputs": {"x": encode_tensor(x)}})
+    headers = {"Content-Type": "application/msgpack"}
+    async with http.post(f"{edge.url}/v1/models/strict/jobs", data=body, headers=headers) as resp:
+        doc = await resp.json()
+        assert resp.status == 422 and "NaN" in doc["error"]["message"]
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", data=body, headers=headers) as resp:
+        assert resp.status == 202, "models that allow NaN take it"
+
+
+async def test_a_gzip_bomb_is_stopped_at_the_body_limit(spawn_edge, http) -> None:
+    edge = await spawn_edge(env={"INFERQ_EDGE_MAX_BODY_BYTES": str(1 << 20)})
+    bomb = gzip.compress(b"[" + b"0," * (32 << 20) + b"0]")  # 64 MiB of JSON in well under 1 MiB
+    assert len(bomb) < 1 << 20
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", data=bomb, headers=headers) as resp:
+        assert resp.status == 413 and (await resp.json())["error"]["code"] == "too_large"
+    async with http.get(f"{edge.url}/v2/health/ready") as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b"\xdd\xff\xff\xff\xff", 400),                                            # msgpack array claiming 4 billion items
+        (b"\x81\xa6inputs" + b"\x91" * 50_000 + b"\xc0", 400),                      # 50k nested arrays
+        (packb({"inputs": {"x": {"dtype": "object", "shape": [1], "data": b"\x80\x04N."}}}), 400),  # object dtype / pickle bytes
+        (packb({"inputs": {"x": {"dtype": "float32", "shape": [1, 256], "data": b"short"}}}), 400),
+    ],
+)
+async def test_msgpack_bombs_and_object_dtypes_get_400(spawn_edge, http, body: bytes, status: int) -> None:
+    edge = await spawn_edge()
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", data=body, headers={"Content-Type": "application/msgpack"}) as resp:
+        assert resp.status == status and (await resp.json())["error"]["code"] == "bad_message"
+
+
+async def test_bytes_tensors_are_refused_with_422(spawn_edge, http) -> None:
+    edge = await spawn_edge()
+    job = {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["cos\nsystem\n(S'id'\ntR."]}]}
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", json=job) as resp:
+        assert resp.status == 422
+
+
+def test_a_model_whose_external_data_points_outside_its_directory_is_refused(tmp_path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
+    w.data_location = TensorProto.EXTERNAL
+    w.ClearField("float_data")
+    entry = w.external_data.add()
+    entry.key, entry.value = "location", "../../../etc/passwd"
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [w])
+    path = tmp_path / "evil" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    with pytest.raises(ConfigError, match="outside its directory"):
+        read_signature("evil", "1", path)
+
+
+@pytest.fixture
+async def keys_for(synced):
+    async def make(tenant: str, rate: float = 0.0, burst: int = 0) -> dict[str, str]:
+        async with open_etcd(synced.etcd) as client:
+            token = await create_key(client, synced.namespace, tenant, rate, burst, 5)
+        return {"Authorization": f"Bearer {token}"}
+    return make
+
+
+async def test_jobs_belong_to_their_tenant_and_need_a_key(spawn_worker, spawn_edge, http, keys_for) -> None:
+    edge = await spawn_edge(env={"INFERQ_EDGE_AUTH": "true"})
+    acme, globex = await keys_for("acme"), await keys_for("globex")
+    job = {"inputs": [v2_input(sample("mlp"))]}
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", json=job) as resp:
+        assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Bearer")
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", json=job, headers={"Authorization": "Bearer nope"}) as resp:
+        assert resp.status == 401
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", json=job, headers=acme) as resp:
+        assert resp.status == 202
+        job_id = (await resp.json())["job_id"]
+    for method in ("GET", "DELETE"):
+        async with http.request(method, f"{edge.url}/v1/jobs/{job_id}", headers=globex) as resp:
+            assert resp.status == 404, "another tenant cannot see or cancel the job"
+    await spawn_worker("mlp")
+    async with http.get(f"{edge.url}/v1/jobs/{job_id}?wait=30", headers=acme) as resp:
+        assert (await resp.json())["status"] == "succeeded"
+    async with http.get(f"{edge.url}/v2/health/live") as resp:
+        assert resp.status == 200, "health checks need no key"
+
+
+async def test_a_tenant_over_its_rate_gets_429_with_retry_after(spawn_edge, http, keys_for) -> None:
+    edge = await spawn_edge(env={"INFERQ_EDGE_AUTH": "true"})
+    slow_tenant, other = await keys_for("metered", rate=0.2, burst=2), await keys_for("free")
+    job = {"inputs": [v2_input(sample("cnn"))]}
+    codes = []
+    for _ in range(3):
+        async with http.post(f"{edge.url}/v1/models/cnn/jobs", json=job, headers=slow_tenant) as resp:
+            codes.append(resp.status)
+            if resp.status == 429:
+                assert int(resp.headers["Retry-After"]) >= 1 and (await resp.json())["error"]["code"] == "rate_limited"
+    assert codes == [202, 202, 429]
+    async with http.post(f"{edge.url}/v1/models/cnn/jobs", json=job, headers=other) as resp:
+        assert resp.status == 202, "one tenant's limit does not hold back another"
