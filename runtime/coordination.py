@@ -18,24 +18,69 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pathlib import Path
+
 import aetcd
 import aetcd.exceptions
+import grpc
+from aetcd import rpc
+from aetcd import watcher as aetcd_watcher
 
-from runtime.errors import CoordinationError
+from runtime.errors import ConfigError, CoordinationError
 from runtime.settings import EtcdSettings
 
 ETCD_ERRORS = (aetcd.exceptions.ClientError, OSError, TimeoutError)
 
 
 def open_etcd(settings: EtcdSettings) -> aetcd.Client:
-    """An etcd client; it connects lazily on its first call, each call bounded by ``timeout_s``."""
-    return aetcd.Client(
+    """An etcd client; it connects lazily on its first call, each call bounded by ``timeout_s``.
+
+    With ``ca_file`` set it speaks TLS (and presents ``cert_file``/``key_file`` if given).
+    """
+    kwargs = dict(
         host=settings.host,
         port=settings.port,
         username=settings.username or None,
         password=settings.password or None,
         timeout=settings.timeout_s,
     )
+    if settings.ca_file:
+        return TlsClient(_credentials(settings), **kwargs)
+    return aetcd.Client(**kwargs)
+
+
+def _credentials(settings: EtcdSettings) -> grpc.ChannelCredentials:
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    try:
+        return grpc.ssl_channel_credentials(read(settings.ca_file), read(settings.key_file), read(settings.cert_file))
+    except OSError as exc:
+        raise ConfigError(f"cannot read etcd TLS files: {exc}") from exc
+
+
+class TlsClient(aetcd.Client):
+    """aetcd.Client over TLS: aetcd itself only opens plaintext channels."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        """What aetcd.Client.connect does, on a secure channel."""
+        if self._connected.is_set():
+            return
+        self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials, options=self._options.items())
+        if self._username is not None and self._password is not None:
+            request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+            response = await rpc.AuthStub(self.channel).Authenticate(request, timeout=self._timeout)
+            self.metadata = (("token", response.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd_watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+        self._connected.set()
 
 
 @contextlib.asynccontextmanager

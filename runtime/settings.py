@@ -55,6 +55,9 @@ class EtcdSettings:
     password: str = ""
     timeout_s: float = 5.0
     lease_ttl_s: int = 10
+    ca_file: str = ""  # TLS: the CA that signed etcd's server certificate
+    cert_file: str = ""  # TLS client certificate and key (etcd --client-cert-auth)
+    key_file: str = ""
 
     def __repr__(self) -> str:
         pw = "***" if self.password else ""
