@@ -8,13 +8,12 @@ worker rejected as malformed were already recorded as failed by that worker.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 import aio_pika
 
-from broker.connection import BrokerConnection
+from broker.connection import BrokerConnection, close_channel
 from broker.ledger import LedgerWriter
 from broker.replies import send_reply
 from broker.messages import EXPIRED, FAILED, JOB_ID_RE, TENANT_HEADER, JobEvent, error_dict
@@ -79,8 +78,4 @@ class DeadLetterReaper:
     async def aclose(self) -> None:
         """Stop consuming; idempotent."""
         channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            try:
-                await asyncio.wait_for(channel.close(), 5)
-            except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as exc:
-                log.debug("closing dead-letter channel: %r", exc)
+        await close_channel(channel, "dead-letter")

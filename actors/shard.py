@@ -24,7 +24,7 @@ from actors.cancels import CancelSet
 from actors.deadletter import DeadLetterReaper
 from actors.planner import Group, plan
 from broker.codec import encode_tensor
-from broker.connection import BrokerConnection
+from broker.connection import BrokerConnection, close_channel
 from broker.control import ControlListener, worker_key
 from broker.ledger import LedgerWriter
 from broker.replies import send_reply
@@ -303,11 +303,7 @@ class ShardWorker(Actor):
         for closer in (self._lease, self._control, self._reaper, self._cancels, self._ledger):
             if closer is not None:
                 await closer.aclose()
-        if self._channel is not None and not self._channel.is_closed:
-            try:
-                await asyncio.wait_for(self._channel.close(), 5)
-            except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as exc:
-                log.debug("closing consumer channel: %r", exc)
+        await close_channel(self._channel, "consumer")
         if self._connection is not None:
             await self._connection.aclose()
         if self._etcd is not None:

@@ -26,6 +26,16 @@ _UNAVAILABLE = (
 )
 
 
+async def close_channel(channel: aio_pika.abc.AbstractChannel | None, what: str) -> None:
+    """Close a channel if it is open; a broker already gone is fine (its work is redelivered anyway)."""
+    if channel is None or channel.is_closed:
+        return
+    try:
+        await asyncio.wait_for(channel.close(), 5)
+    except (*_UNAVAILABLE, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+        log.debug("closing the %s channel: %r", what, exc)
+
+
 class BrokerConnection:
     """One robust connection; reconnects on its own, publishes with confirms.
 

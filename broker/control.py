@@ -6,7 +6,6 @@ see README, "Control commands".
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import aio_pika
 
 from broker.codec import packb, unpackb
-from broker.connection import BrokerConnection
+from broker.connection import BrokerConnection, close_channel
 from broker.messages import CONTENT_TYPE
 from runtime.errors import CodecError
 
@@ -72,8 +71,4 @@ class ControlListener:
     async def aclose(self) -> None:
         """Stop listening; idempotent."""
         channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            try:
-                await asyncio.wait_for(channel.close(), 5)
-            except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as exc:
-                log.debug("closing control channel: %r", exc)
+        await close_channel(channel, "control")

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 
-from broker.connection import BrokerConnection
+from broker.connection import BrokerConnection, close_channel
 from broker.messages import JobEvent, pack_events, unpack_events
 from runtime.errors import BrokerError, BrokerUnavailable, CodecError
 
@@ -196,8 +196,4 @@ class LedgerTail:
                 future.exception()
         self._markers.clear()
         channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            try:
-                await asyncio.wait_for(channel.close(), 5)
-            except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as exc:
-                log.debug("closing stream channel: %r", exc)
+        await close_channel(channel, "stream")
