@@ -69,6 +69,7 @@ class EdgeAPI:
         r.add_delete("/v1/jobs/{job_id}", self.cancel_job)
         r.add_get("/v1/models", self.list_models)
         r.add_get("/v1/models/{model}", self.describe_model)
+        r.add_get("/metrics", self.metrics)
         r.add_get("/v2", self.server_metadata)
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
@@ -132,7 +133,33 @@ class EdgeAPI:
         record = dict(await self.service.directory.record(model))
         record["workers"] = await self.inventory.workers(model)
         record["queue_depth"] = {v: await self.inventory.queue_depth(model, v) for v in record["versions"]}
+        decisions = await self.inventory.decisions()
+        record["autoscaler"] = {v: decisions.get(f"{model}.{v}") for v in record["versions"]}
         return record
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text: queue depth, workers, autoscaler decisions, this edge's projection."""
+        await self.service.directory.refresh()
+        workers, decisions = await self.inventory.workers(), await self.inventory.decisions()
+        lines = _metric_headers()
+        for model in self.service.directory.names():
+            for version in (await self.service.directory.record(model))["versions"]:
+                labels = f'model="{model}",version="{version}"'
+                depth = await self.inventory.queue_depth(model, version)
+                if depth is not None:
+                    lines.append(f"inferq_queue_ready{{{labels}}} {depth}")
+                mine = [w for w in workers if w.get("model") == model and w.get("version") == version]
+                for state in ("ready", "draining"):
+                    lines.append(f'inferq_workers{{{labels},state="{state}"}} {sum(1 for w in mine if w.get("state") == state)}')
+                lines.append(f"inferq_worker_inflight{{{labels}}} {sum(int(w.get('stats', {}).get('inflight', 0)) for w in mine)}")
+                lines.append(f"inferq_worker_jobs_total{{{labels}}} {sum(int(w.get('stats', {}).get('jobs', 0)) for w in mine)}")
+                decision = decisions.get(f"{model}.{version}")
+                if decision:
+                    lines.append(f"inferq_autoscaler_backlog{{{labels}}} {decision['backlog']}")
+                    lines.append(f"inferq_autoscaler_desired_workers{{{labels}}} {decision['desired']}")
+        lines.append(f"inferq_edge_jobs_in_memory {len(self.service.projection)}")
+        lines.append(f"inferq_edge_ledger_events_total {self.service.projection.events_applied}")
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return web.json_response({"name": "inferq", "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]})
@@ -206,6 +233,20 @@ def _float_query(request: web.Request, name: str) -> float | None:
     if value != value or value < 0:
         raise CodecError(f"query parameter {name!r} must be a non-negative number")
     return value
+
+
+def _metric_headers() -> list[str]:
+    meta = [
+        ("inferq_queue_ready", "gauge", "jobs waiting in a model version's queue"),
+        ("inferq_workers", "gauge", "live workers of a model version by state"),
+        ("inferq_worker_inflight", "gauge", "jobs prefetched or running at a version's workers"),
+        ("inferq_worker_jobs_total", "counter", "jobs succeeded by a version's live workers"),
+        ("inferq_autoscaler_backlog", "gauge", "backlog in the autoscaler's last decision"),
+        ("inferq_autoscaler_desired_workers", "gauge", "workers the autoscaler last asked for"),
+        ("inferq_edge_jobs_in_memory", "gauge", "jobs in this edge's projection"),
+        ("inferq_edge_ledger_events_total", "counter", "ledger events this edge has applied"),
+    ]
+    return [line for name, kind, text in meta for line in (f"# HELP {name} {text}", f"# TYPE {name} {kind}")]
 
 
 def _spec_doc(spec: Any) -> dict[str, Any]:

@@ -29,6 +29,13 @@ class Inventory:
             return []
         return [r for r in records.values() if model is None or r.get("model") == model]
 
+    async def decisions(self) -> dict[str, dict[str, Any]]:
+        """The autoscaler's last decision per ``<model>.<version>``; empty if etcd is unreachable."""
+        try:
+            return await get_json_prefix(self._client, keys(self._topology.namespace).decisions, self._timeout)
+        except CoordinationError:
+            return {}
+
     async def queue_depth(self, model: str, version: str) -> int | None:
         """Jobs waiting in a version's queue (ready, not yet delivered), or None if unknown."""
         counts = await self._connection.queue_counts(self._topology.model_queue(model, version))

@@ -136,3 +136,21 @@ async def test_agent_launcher_starts_workers_on_a_node_that_fits(synced, spawn_a
     assert [w["node"] for w in workers.values()] == ["node-a"]
     job = await amqp.submit("placed", {"x": sample("mlp")})
     assert (await amqp.wait_results([job], 30))[job]["status"] == "succeeded"
+
+
+async def test_decisions_are_exposed_as_metrics_and_in_the_model_listing(synced, spawn_autoscaler, spawn_edge, http) -> None:
+    await set_policy(synced, "drained", min_workers=1, max_workers=1, **FAST)
+    await spawn_autoscaler("drained")
+    edge = await spawn_edge()
+    await wait_until(lambda: live_workers(synced, "drained"), 60, "the policy's worker")
+
+    async def decided() -> dict | None:
+        async with http.get(f"{edge.url}/v1/models/drained") as resp:
+            return (await resp.json())["autoscaler"]["1"]
+
+    decision = await wait_until(decided, 30, "a recorded decision")
+    assert decision["desired"] == 1 and decision["reason"]
+    async with http.get(f"{edge.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'inferq_autoscaler_desired_workers{model="drained",version="1"} 1' in text
+    assert 'inferq_workers{model="drained",version="1",state="ready"} 1' in text
