@@ -20,10 +20,15 @@ class Batcher:
         self.mailbox = mailbox
         self.max_size = max_size
         self.max_delay_s = max_delay_s
+        self._collecting: list[Any] = []
 
-    async def next_batch(self) -> list[Any]:
-        """Wait for the next batch (never empty)."""
-        batch = [await self.mailbox.get()]
+    async def next_batch(self, wait: bool = True) -> list[Any]:
+        """Wait for the next batch (never empty); with ``wait=False`` take only what is already here."""
+        batch = self._collecting = [await self.mailbox.get()]
+        if not wait:
+            self._take_ready(batch)
+            self._collecting = []
+            return batch
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_delay_s
         while len(batch) < self.max_size:
@@ -35,6 +40,7 @@ class Batcher:
                 batch.append(await asyncio.wait_for(self.mailbox.get(), remaining))
             except TimeoutError:
                 break
+        self._collecting = []
         return batch
 
     def _take_ready(self, batch: list[Any]) -> None:
@@ -42,8 +48,8 @@ class Batcher:
             batch.append(self.mailbox.get_nowait())
 
     def take_all(self) -> list[Any]:
-        """Remove and return everything not yet batched (to hand back on drain)."""
-        items: list[Any] = []
+        """Remove and return everything not yet batched, including a batch cut off while collecting (to hand back on drain)."""
+        items, self._collecting = self._collecting, []
         while not self.mailbox.empty():
             items.append(self.mailbox.get_nowait())
         return items

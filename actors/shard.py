@@ -19,6 +19,7 @@ from typing import Any
 
 import aio_pika
 
+from actors.acks import AckTracker, settle
 from actors.batcher import Batcher
 from actors.cancels import CancelSet
 from actors.deadletter import DeadLetterReaper
@@ -78,6 +79,7 @@ class ShardWorker(Actor):
         cfg = entry.config.batching
         self.batcher = Batcher(self.mailbox, cfg.max_batch_size, cfg.max_queue_delay_ms / 1000)
         self.stats = WorkerStats()
+        self.acks = AckTracker()
         self._slots = asyncio.Semaphore(2)
         self._batches: set[asyncio.Task[None]] = set()
         self._connection: BrokerConnection | None = None
@@ -130,12 +132,14 @@ class ShardWorker(Actor):
         self._consumer_tag = await self._queue.consume(self._on_delivery, consumer_tag=self.worker_id)
 
     async def _on_delivery(self, message: Delivery) -> None:
+        self.acks.track(message)
         self.mailbox.put_nowait(message)
 
     async def _batch_loop(self) -> None:
         while True:
-            batch = await self.batcher.next_batch()
             await self._slots.acquire()
+            # An idle worker runs what it has at once; a busy one lets the next batch fill up meanwhile.
+            batch = await self.batcher.next_batch(wait=bool(self._batches))
             task = asyncio.create_task(self._run_batch(batch), name=f"{self.name}:batch")
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
@@ -150,6 +154,11 @@ class ShardWorker(Actor):
         self.stats.inflight += len(deliveries)
         try:
             await self._process(deliveries)
+        except Exception:  # a bug of ours must not leave jobs unacked forever (and block later acks)
+            log.exception("batch failed unexpectedly; handing its jobs back")
+            for delivery in deliveries:
+                await settle(delivery, requeue=True)
+            await self.acks.finish(settled=deliveries)
         finally:
             self.stats.inflight -= len(deliveries)
 
@@ -233,20 +242,24 @@ class ShardWorker(Actor):
             await running
             await self._ledger.write(final)
         except BrokerError as exc:
-            log.warning("could not record %d results (%s); the broker will redeliver them", len(final), exc)
+            log.warning("could not record %d results (%s); handing the jobs back", len(final), exc)
+            for delivery in deliveries:
+                await settle(delivery, requeue=True)
+            await self.acks.finish(settled=deliveries)
             return
         self.stats.jobs += sum(1 for e in final if e.status == SUCCEEDED)
         self.stats.failed += sum(1 for e in final if e.status == FAILED)
         await self._reply(deliveries, final)
-        bad_ids, retry_ids = {id(d) for d in bad}, {id(d) for d, _ in retries}
-        for delivery in deliveries:
-            if id(delivery) not in retry_ids:
-                await _settle(delivery, reject=id(delivery) in bad_ids)
+        skip = {id(d) for d in bad} | {id(d) for d, _ in retries}
+        for delivery in bad:
+            await settle(delivery, requeue=False)
+        await self.acks.finish(acked=[d for d in deliveries if id(d) not in skip], settled=bad)
         if retries:
             attempt = max(r.attempt for _, r in retries)
             await asyncio.sleep(self.entry.config.retry.backoff_s * 2 ** (attempt - 1))
             for delivery, _ in retries:
-                await _settle(delivery, requeue=True)
+                await settle(delivery, requeue=True)
+            await self.acks.finish(settled=[d for d, _ in retries])
 
     async def _reply(self, deliveries: list[Delivery], final: list[JobEvent]) -> None:
         by_id = {e.job_id: e for e in final}
@@ -289,8 +302,10 @@ class ShardWorker(Actor):
         for task in list(self._tasks):
             if task.get_name().endswith(":batches"):
                 task.cancel()
-        for delivery in self.batcher.take_all():
-            await _settle(delivery, requeue=True)
+        unstarted = self.batcher.take_all()
+        for delivery in unstarted:
+            await settle(delivery, requeue=True)
+        await self.acks.finish(settled=unstarted)
 
     async def wait_idle(self) -> None:
         while self._batches:
@@ -325,16 +340,3 @@ def _queue_ms(delivery: Delivery, started: float) -> dict[str, float]:
     if submitted is None:
         return {}
     return {"queue_ms": round(max(0.0, started - submitted) * 1000, 3)}
-
-
-async def _settle(delivery: Delivery, reject: bool = False, requeue: bool = False) -> None:
-    """Ack, reject (dead-letter) or requeue; a stale delivery after a reconnect is redelivered anyway."""
-    try:
-        if requeue:
-            await delivery.nack(requeue=True)
-        elif reject:
-            await delivery.reject(requeue=False)
-        else:
-            await delivery.ack()
-    except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.MessageProcessError, OSError, RuntimeError) as exc:
-        log.info("could not settle %s: %r (the broker will redeliver it)", delivery.message_id, exc)

@@ -22,6 +22,7 @@ from runtime.errors import BrokerError, BrokerUnavailable, CodecError
 log = logging.getLogger("inferq.ledger")
 
 MAX_EVENTS_PER_MESSAGE = 512
+MAX_IN_FLIGHT = 4
 MARKER_HEADER = "x-inferq-marker"
 
 
@@ -55,12 +56,23 @@ class LedgerWriter:
         await future
 
     async def _flush_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch = self._take()
-                await self._flush(batch)
+        # Up to MAX_IN_FLIGHT messages await their confirm at once; writes that arrive
+        # meanwhile are coalesced into the next message.
+        in_flight: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._pending:
+                    await slots.acquire()
+                    task = asyncio.create_task(self._flush(self._take()))
+                    in_flight.add(task)
+                    task.add_done_callback(lambda t: (in_flight.discard(t), slots.release()))
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
     def _take(self) -> list[tuple[list[JobEvent], asyncio.Future[None]]]:
         taken, count = [], 0
@@ -75,16 +87,14 @@ class LedgerWriter:
         message = aio_pika.Message(pack_events(events), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
             await self._connection.publish(message, self._stream)
+        except asyncio.CancelledError:
+            _settle(batch, BrokerUnavailable("ledger writer closed"))
+            raise
         except Exception as exc:  # the flusher must outlive any failure: each writer learns of it instead
-            error = exc if isinstance(exc, BrokerError) else BrokerUnavailable(f"ledger write failed: {exc!r}")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            _settle(batch, exc if isinstance(exc, BrokerError) else BrokerUnavailable(f"ledger write failed: {exc!r}"))
             return
         self.messages_written += 1
-        for _, future in batch:
-            if not future.done():
-                future.set_result(None)
+        _settle(batch, None)
 
     async def aclose(self) -> None:
         """Stop the flusher; pending writes fail with BrokerUnavailable. Idempotent."""
@@ -100,6 +110,15 @@ class LedgerWriter:
             if not future.done():
                 future.set_exception(BrokerUnavailable("ledger writer closed"))
         self._pending.clear()
+
+
+def _settle(batch: list[tuple[list[JobEvent], asyncio.Future[None]]], error: BaseException | None) -> None:
+    for _, future in batch:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
 
 EventHandler = Callable[[list[JobEvent]], Awaitable[None] | None]

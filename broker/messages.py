@@ -21,7 +21,9 @@ from runtime.errors import CodecError
 
 CONTENT_TYPE = "application/msgpack"
 TENANT_HEADER = "x-inferq-tenant"
-SUBMITTED_HEADER = "x-inferq-submitted-at"  # float seconds: the AMQP timestamp has one-second resolution
+# Integer microseconds since the epoch: the AMQP timestamp has one-second resolution, and
+# pamqp sends a Python float in a header table as a 32-bit float (minutes off today).
+SUBMITTED_HEADER = "x-inferq-submitted-us"
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED = (
@@ -79,7 +81,7 @@ class JobRequest:
             correlation_id=self.correlation_id,
             priority=self.priority,
             expiration=self.ttl_s,
-            headers={SUBMITTED_HEADER: now, **({TENANT_HEADER: self.tenant} if self.tenant else {})},
+            headers={SUBMITTED_HEADER: int(now * 1_000_000), **({TENANT_HEADER: self.tenant} if self.tenant else {})},
             timestamp=now,
         )
 
@@ -126,8 +128,8 @@ def submitted_at(message: aio_pika.abc.AbstractIncomingMessage) -> tuple[float |
     only the AMQP timestamp, which has one-second resolution.
     """
     precise = (message.headers or {}).get(SUBMITTED_HEADER)
-    if isinstance(precise, (int, float)):
-        return float(precise), 0.0
+    if isinstance(precise, int) and not isinstance(precise, bool):
+        return precise / 1_000_000, 0.0
     if message.timestamp is not None:
         return message.timestamp.timestamp(), 1.0
     return None, 0.0

@@ -65,6 +65,7 @@ class ModelConfig:
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     intra_op_threads: int = 0
+    allow_spinning: bool = False
     allow_nan: bool = True
     require_providers: tuple[str, ...] = ()
     queue: QueueLimits = field(default_factory=QueueLimits)

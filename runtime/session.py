@@ -64,6 +64,11 @@ class ModelSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.intra_op_threads
         options.inter_op_num_threads = 1
+        if not config.allow_spinning:
+            # Idle ORT threads otherwise spin for a while after every run, taking the CPU
+            # the event loop, the edge and the broker need between batches.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = choose_providers(config.providers, config.provider_options, ort.get_available_providers(), cache_dir)
         loop = asyncio.get_running_loop()
         try:

@@ -110,3 +110,10 @@ async def test_killed_worker_loses_no_job(spawn_worker, amqp, synced) -> None:
     await spawn_worker("mlp")
     results = await amqp.wait_results(jobs, timeout=60)
     assert all(r["status"] == "succeeded" for r in results.values())
+
+
+async def test_queue_time_is_measured_precisely_from_submission(spawn_worker, amqp) -> None:
+    await spawn_worker("mlp")
+    job = await amqp.submit("mlp", {"x": sample("mlp")})
+    result = (await amqp.wait_results([job], 30))[job]
+    assert 0 <= result["timings"]["queue_ms"] < 5000, result["timings"]
