@@ -35,7 +35,8 @@ services: install system-deps
 	$(BIN)/inferq services
 
 bench: services
-	$(BIN)/inferq bench
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/inferq bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .state *.egg-info

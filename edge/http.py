@@ -104,11 +104,23 @@ class EdgeAPI:
             idempotency_key=request.headers.get("Idempotency-Key"), ttl_s=_float_query(request, "ttl"),
         )
 
-    async def submit_job(self, request: web.Request) -> web.Response:
-        """POST a job: 202 with its id once the broker confirmed it."""
+    async def submit_job(self, request: web.Request) -> web.StreamResponse:
+        """POST a job: 202 with its id once the broker confirmed it.
+
+        With ``?wait=S`` the answer waits up to S seconds for the job to finish
+        and is then the job document (200), saving the client a poll.
+        """
+        wait = min(_float_query(request, "wait") or 0.0, self.settings.max_wait_s)
         state, created = await self.service.submit(await self._submission(request))
+        location = {"Location": f"/v1/jobs/{state.job_id}"}
+        if wait > 0:
+            state = await self.service.get(state.job_id, state.tenant, wait)
+            if state.terminal:
+                response = _document(request, state)
+                response.headers.update(location)
+                return response
         body = {"job_id": state.job_id, "status": state.status, "model": state.model, "version": state.version}
-        return web.json_response(body, status=202, headers={"Location": f"/v1/jobs/{state.job_id}"})
+        return web.json_response(body, status=202, headers=location)
 
     async def get_job(self, request: web.Request) -> web.Response:
         """GET a job; ``?wait=S`` long-polls until it is final."""

@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--min-workers", type=int, default=1, help="workers kept per model (0 = scale to zero when idle)")
     up.set_defaults(func=_up)
 
+    from benchmarks.cli import add_parser as add_bench
+
+    add_bench(sub)
+
     services = sub.add_parser("services", help="start local RabbitMQ and etcd if installed and not running")
     services.set_defaults(func=_services)
     return parser

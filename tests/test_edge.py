@@ -220,3 +220,16 @@ async def test_tritonclient_http_infers_the_same_numbers_as_onnxruntime(spawn_wo
     logits, ready, meta = await asyncio.to_thread(call)
     assert ready and meta["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, 3, 64, 64]}
     np.testing.assert_allclose(logits, reference("cnn", x), rtol=1e-4, atol=1e-5)
+
+
+async def test_submit_with_wait_answers_with_the_finished_job(spawn_worker, spawn_edge, http, reference) -> None:
+    await spawn_worker("mlp")
+    edge = await spawn_edge()
+    x = sample("mlp", seed=21)
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs?wait=30", json={"inputs": [v2_input(x)]}) as resp:
+        doc = await resp.json()
+        assert resp.status == 200 and resp.headers["Location"] == f"/v1/jobs/{doc['job_id']}"
+    assert doc["status"] == "succeeded"
+    np.testing.assert_allclose(outputs_of(doc)["probs"], reference("mlp", x), rtol=1e-5, atol=1e-6)
+    async with http.post(f"{edge.url}/v1/models/tiny/jobs?wait=0.2", json={"inputs": [v2_input(x)]}) as resp:
+        assert resp.status in (202, 429), "a job that does not finish in time is answered as accepted"

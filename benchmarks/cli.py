@@ -1,0 +1,43 @@
+"""The ``bench`` subcommand. ``runtime/cli.py`` calls :func:`add_parser`; ``python -m benchmarks`` works too."""
+
+from __future__ import annotations
+
+import argparse
+
+from runtime.settings import Settings
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``bench`` on the ``inferq`` command's subparsers."""
+    bench = subparsers.add_parser(
+        "bench", help="benchmark inferq against raw ONNX Runtime and Celery (see benchmarks/README.md)",
+        description="Raw ORT ceiling, inferq end to end over HTTP and AMQP, and a Celery 5 baseline, in one run. "
+                    "Writes benchmarks/results/<run>.json and prints a summary table.",
+    )
+    bench.add_argument("--models", default="mlp,cnn", help="comma-separated demo models (mlp, cnn, transformer) or 'all' (default: mlp,cnn)")
+    bench.add_argument("--jobs", type=int, default=0, help="jobs per loaded phase (default 2000; 300 with --quick; transformer runs 1/8)")
+    bench.add_argument("--low-jobs", type=int, default=0, help="jobs per low-load phase, one in flight (default 300; 60 with --quick)")
+    bench.add_argument("--concurrency", type=int, default=64, help="jobs in flight under load, closed loop (default 64)")
+    bench.add_argument("--rate", type=float, default=None, help="open loop instead: jobs/s arriving (concurrency caps in-flight jobs)")
+    bench.add_argument("--warmup", type=int, default=None, help="warm-up jobs before each loaded phase (default 200; 30 with --quick)")
+    bench.add_argument("--paths", default="http,amqp", help="inferq submit paths: http, amqp or both (default); empty skips inferq")
+    bench.add_argument("--skip-celery", action="store_true", help="no Celery baseline")
+    bench.add_argument("--skip-raw", action="store_true", help="no raw ORT measurement")
+    bench.add_argument("--intra-op-threads", type=int, default=None,
+                       help="set intra_op_threads in each model's config (worker and raw ORT alike; default: the demo config's, 0 = ORT's choice)")
+    bench.add_argument("--celery-concurrency", type=int, default=0, help="Celery prefork processes (default: CPU count)")
+    bench.add_argument("--celery-threads", type=int, default=1, help="ORT intra-op threads per Celery process (default 1)")
+    bench.add_argument("--raw-seconds", type=float, default=0.0, help="seconds per batch size in the raw sweep (default 0.6; 0.2 with --quick)")
+    bench.add_argument("--phase-timeout", type=float, default=300.0, help="give up on a phase after this many seconds (default 300)")
+    bench.add_argument("--quick", action="store_true", help="small counts: a smoke run in well under a minute per model")
+    bench.add_argument("--output", help="result file (default benchmarks/results/<run-id>.json)")
+    bench.add_argument("--profile", metavar="DIR", help="py-spy the edge and worker during loaded inferq phases; raw profiles go to DIR")
+    bench.add_argument("--keep", action="store_true", help="keep the temporary model repository and process logs")
+    bench.set_defaults(func=run_bench)
+
+
+def run_bench(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the benchmark with the broker and etcd of ``settings`` in a namespace of its own."""
+    from benchmarks.harness import run
+
+    return run(settings, args)

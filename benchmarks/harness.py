@@ -1,0 +1,428 @@
+"""One bench run: raw ORT ceiling, inferq end to end (HTTP and AMQP-direct), Celery baseline; JSON + table.
+
+Everything the run starts (edge, workers, Celery, load generators) is a child
+process in its own session and is stopped in ``finally``, also on Ctrl-C or
+SIGTERM; the run's queues and etcd keys are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import raw
+from benchmarks.celery_peer import CeleryPeer, available, celery_broker_url
+from benchmarks.procs import ROOT, Children, CpuWatch, broker_pid, per_job_ms, python_argv, wait_quiet
+from benchmarks.profiling import Profiler
+from benchmarks.report import summarize, table
+from benchmarks.stack import BrokerWatch, Stack
+from runtime.settings import Settings
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ALL_MODELS = ("mlp", "cnn", "transformer")
+# The transformer is ~100x the MLP's work per sample: fewer jobs keep a run short.
+JOB_SCALE = {"mlp": 1.0, "cnn": 1.0, "transformer": 0.125}
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Options:
+    models: list[str]
+    paths: list[str]
+    jobs: int
+    low_jobs: int
+    concurrency: int
+    rate: float | None
+    warmup: int
+    skip_celery: bool
+    skip_raw: bool
+    celery_concurrency: int
+    celery_threads: int
+    raw_seconds: float
+    latency_runs: int
+    phase_timeout: float
+    output: Path | None
+    keep: bool
+    profile: Path | None
+    intra_op_threads: int | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Options:
+        models = ALL_MODELS if args.models == "all" else tuple(m.strip() for m in args.models.split(",") if m.strip())
+        unknown = set(models) - set(ALL_MODELS)
+        if unknown:
+            raise SystemExit(f"unknown model(s) {sorted(unknown)}; choose from {ALL_MODELS} or 'all'")
+        paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+        if set(paths) - {"http", "amqp"}:
+            raise SystemExit("--paths takes http and/or amqp")
+        quick = args.quick
+        return cls(
+            models=list(models), paths=paths,
+            jobs=args.jobs or (300 if quick else 2000),
+            low_jobs=args.low_jobs or (60 if quick else 300),
+            concurrency=args.concurrency, rate=args.rate,
+            warmup=args.warmup if args.warmup is not None else (30 if quick else 200),
+            skip_celery=args.skip_celery, skip_raw=args.skip_raw,
+            celery_concurrency=args.celery_concurrency or (os.cpu_count() or 1),
+            celery_threads=args.celery_threads,
+            raw_seconds=args.raw_seconds or (0.2 if quick else 0.6),
+            latency_runs=100 if quick else 300,
+            phase_timeout=args.phase_timeout,
+            output=Path(args.output) if args.output else None,
+            keep=args.keep,
+            profile=Path(args.profile) if args.profile else None,
+            intra_op_threads=args.intra_op_threads,
+        )
+
+    def jobs_for(self, model: str, low: bool) -> int:
+        n = self.low_jobs if low else self.jobs
+        return max(20, int(n * JOB_SCALE[model]))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    """The whole run; returns 0 when every phase completed (targets are reported, not enforced)."""
+    opts = Options.from_args(args)
+    run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    namespace = f"bench{uuid.uuid4().hex[:10]}"
+    workdir = Path(tempfile.mkdtemp(prefix="inferq-bench-"))
+    children = Children()
+    celery_version = None if opts.skip_celery else available()
+    if not opts.skip_celery and celery_version is None:
+        say("celery is not installed (pip install 'celery>=5.3', or the 'bench' extra): skipping the Celery baseline")
+    celery_queue = f"inferq-bench-celery-{namespace}"
+    result: dict[str, Any] = {"run_id": run_id, "status": "running", "meta": _meta(settings, opts, namespace, celery_version),
+                              "models": {}, "summary": {}}
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    stack: Stack | None = None
+    peer: CeleryPeer | None = None
+    broker_watch = BrokerWatch(settings.broker.url).start()
+    code = 0
+    say(f"inferq bench {run_id}: models {','.join(opts.models)}, {opts.jobs} jobs at {opts.concurrency} in flight"
+        f"{f' (open loop {opts.rate}/s)' if opts.rate else ''}, namespace {namespace}, logs in {workdir / 'logs'}")
+    try:
+        stack = Stack.create(settings, namespace, workdir, opts.models, children, opts.intra_op_threads)
+        say("  syncing the model repository and starting the edge ...")
+        stack.sync()
+        stack.start_edge()
+        beam = broker_pid()
+        if beam is None:
+            say("  (no beam.smp process found: broker CPU is not reported)")
+        if celery_version:
+            peer = CeleryPeer(children, celery_broker_url(settings.broker.url), celery_queue, stack.logs)
+        for model in opts.models:
+            result["models"][model] = {}
+            _bench_model(model, opts, stack, peer, beam, workdir, broker_watch, result["models"][model])
+            result["summary"][model] = summarize(result["models"][model])
+        result["status"] = "complete"
+    except KeyboardInterrupt:
+        result["status"] = "interrupted"
+        say("interrupted: stopping everything")
+        code = 130
+    except Exception as exc:  # noqa: BLE001 - the run records what failed and still cleans up
+        result["status"] = f"failed: {type(exc).__name__}: {exc}"
+        say(f"bench failed: {type(exc).__name__}: {exc}")
+        code = 1
+    finally:
+        children.stop_all()
+        broker_watch.stop()
+        result["broker_restarts_seen"] = len(broker_watch.losses)
+        for cleanup in ((peer.cleanup if peer else None), (stack.remove_namespace if stack else None)):
+            if cleanup is None:
+                continue
+            try:
+                cleanup()
+            except Exception as exc:  # noqa: BLE001 - best effort, reported
+                say(f"  cleanup: {type(exc).__name__}: {exc}")
+        signal.signal(signal.SIGTERM, previous)
+        for model, data in result["models"].items():
+            result["summary"].setdefault(model, summarize(data))
+        out = _write(result, opts)
+        print(table(result))
+        say(f"results: {out}")
+        if opts.keep or code:
+            say(f"logs kept in {workdir / 'logs'}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+def _bench_model(model: str, opts: Options, stack: Stack, peer: CeleryPeer | None, beam: int | None, workdir: Path,
+                 watch: BrokerWatch, out: dict[str, Any]) -> None:
+    """Every phase of one model, recorded into ``out`` as it completes (so an interrupted run keeps them)."""
+    from runtime.repository import load_model
+
+    path = stack.model_path(model)
+    entry = load_model(stack.settings.model_repository, model)
+    threads = entry.config.intra_op_threads
+    out.update({"model_path_bytes": path.stat().st_size,
+                "batching": {"max_batch_size": entry.config.batching.max_batch_size,
+                             "max_queue_delay_ms": entry.config.batching.max_queue_delay_ms},
+                "intra_op_threads": threads, "phases": {}})
+    inputs = raw.samples(model, 16, seed=7)
+    inputs_path = workdir / f"{model}-inputs.npy"
+    np.save(inputs_path, inputs)
+    reference = raw.reference(path, inputs[:1]).ravel()[:64]
+
+    if not opts.skip_raw:
+        say(f"[{model}] raw ONNX Runtime in-process (intra_op_threads={threads or 'default'}, inter_op_threads=1)")
+        quiet = wait_quiet()
+        out["raw"] = raw.measure(path, model, threads, opts.raw_seconds, opts.latency_runs, progress=say)
+        out["raw"]["machine_before"] = quiet
+        lat = out["raw"]["single_latency_ms"]
+        say(f"  best {out['raw']['best_samples_per_s']:,.0f} samples/s at batch {out['raw']['best_batch']}; "
+            f"batch-1 latency p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms")
+
+    base = {"model": model, "inputs_path": str(inputs_path), "url": stack.url, "namespace": stack.settings.namespace,
+            "broker_url": stack.settings.broker.url, "progress_s": 1.0}
+    if opts.paths:
+        say(f"[{model}] inferq: starting worker")
+        stack.start_worker(model)
+
+        def pids() -> dict[str, int]:
+            return {"edge": stack.edge.pid, "worker": stack.workers[model].pid, **({"broker": beam} if beam else {})}
+
+        def recover() -> None:  # a fresh edge and worker: nothing carried over from a disturbed attempt
+            say(f"  restarting the edge and the {model} worker")
+            stack.stop()
+            stack.start_edge()
+            stack.start_worker(model)
+
+        try:
+            for path_name in opts.paths:
+                for low in (True, False):
+                    name = f"inferq_{path_name}_{'low' if low else 'load'}"
+                    spec = dict(base, mode=path_name, **_load_shape(model, opts, low), label=f"[{model}] inferq {path_name} {_shape_text(opts, low)}")
+                    out["phases"][name] = _retrying(
+                        lambda: _phase(spec, pids(), workdir, opts, watch, stack=stack, model=model,
+                                       profile=None if low else f"{model}-{path_name}"),
+                        recover, spec["label"])
+                    _check_output(out["phases"][name], reference)
+        finally:
+            stack.stop_worker(model)
+
+    if peer is not None:
+        say(f"[{model}] celery: starting a prefork worker (-c {opts.celery_concurrency}, intra_op_threads={opts.celery_threads})")
+        peer.start(model, path, opts.celery_concurrency, opts.celery_threads)
+        env = peer.env(path, opts.celery_threads)
+
+        def celery_pids() -> dict[str, int]:
+            return {"worker": peer.proc.pid, **({"broker": beam} if beam else {})}
+
+        def celery_recover() -> None:
+            say("  restarting the celery worker")
+            peer.stop()
+            peer.start(model, path, opts.celery_concurrency, opts.celery_threads)
+
+        try:
+            for low in (True, False):
+                name = f"celery_{'low' if low else 'load'}"
+                spec = dict(base, mode="celery", **_load_shape(model, opts, low), label=f"[{model}] celery {_shape_text(opts, low)}")
+                out["phases"][name] = _retrying(lambda: _phase(spec, celery_pids(), workdir, opts, watch, env=env), celery_recover, spec["label"])
+                _check_output(out["phases"][name], reference)
+        finally:
+            peer.stop()
+            peer.cleanup()
+
+
+def _retrying(phase: Any, recover: Any, label: str, attempts: int = 4) -> dict[str, Any]:
+    """Run a phase again (up to ``attempts`` times, after ``recover()``) if it failed, had job errors, or
+    the broker restarted meanwhile (a shared RabbitMQ); the failed attempts are listed in the result."""
+    failures: list[str] = []
+    for attempt in range(1, attempts + 1):
+        try:
+            res = phase()
+        except RuntimeError as exc:
+            failures.append(str(exc))
+        else:
+            if not res["errors"] or attempt == attempts:
+                res["attempts"] = attempt
+                res["failed_attempts"] = failures
+                return res
+            failures.append(f"{res['errors']} job errors: {res['error_samples'][:2]}")
+        if attempt < attempts:
+            say(f"  {label}: attempt {attempt} failed ({failures[-1][:200]}); again")
+            for tries in range(3):
+                try:
+                    recover()
+                    break
+                except Exception as exc:  # noqa: BLE001 - broker/etcd restarting under us: give it a moment
+                    say(f"  recovery failed ({type(exc).__name__}: {exc}); retrying in 5 s")
+                    time.sleep(5)
+    raise RuntimeError(f"{label}: failed {attempts} times: {failures[-1]}")
+
+
+def _load_shape(model: str, opts: Options, low: bool) -> dict[str, Any]:
+    if low:
+        return {"jobs": opts.jobs_for(model, True), "concurrency": 1, "rate": None, "warmup": 20}
+    return {"jobs": opts.jobs_for(model, False), "concurrency": opts.concurrency, "rate": opts.rate,
+            "warmup": max(20, int(opts.warmup * JOB_SCALE[model]))}
+
+
+def _shape_text(opts: Options, low: bool) -> str:
+    if low:
+        return "low load (1 in flight)"
+    return f"open loop {opts.rate}/s (max {opts.concurrency} in flight)" if opts.rate else f"{opts.concurrency} in flight"
+
+
+def _phase(spec: dict[str, Any], pids: dict[str, int], workdir: Path, opts: Options, watch: BrokerWatch, env: dict[str, str] | None = None,
+           stack: Stack | None = None, model: str | None = None, profile: str | None = None) -> dict[str, Any]:
+    """Run one load generator process; measure CPU of ``pids`` (and the generator) around its timed part.
+
+    With ``--profile``, ``profile`` names the py-spy recordings of the edge and worker taken meanwhile.
+    """
+    tag = uuid.uuid4().hex[:8]
+    spec_path, out_path = workdir / f"spec-{tag}.json", workdir / f"out-{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    say(f"  {spec['label']}: warming up ({spec['warmup']} jobs), then {spec['jobs']} jobs")
+    started = time.monotonic()
+    children = Children()
+    proc = children.start("loadgen", python_argv("-m", "benchmarks.loadgen", str(spec_path), str(out_path)), env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+    try:
+        _expect(proc, "READY", opts.phase_timeout, spec["label"])
+        stats0 = _settled_stats(stack, model)
+        quiet = wait_quiet()
+        profiler = Profiler(opts.profile) if opts.profile and profile else None
+        if profiler is not None:
+            profiler.start(profile, {k: v for k, v in pids.items() if k in ("edge", "worker")})
+        cpu_watch = CpuWatch({**pids, "loadgen": proc.pid}).start()
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        _expect(proc, "DONE", opts.phase_timeout, spec["label"])
+        cpu = cpu_watch.stop()
+        profiles = profiler.stop() if profiler is not None else None
+        proc.wait(30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{spec['label']}: load generator exited with {proc.returncode}")
+        res = json.loads(out_path.read_text())
+    finally:
+        children.stop_all(grace_s=5)
+    if watch.restarts_since(started):
+        raise RuntimeError(f"{spec['label']}: the broker restarted during the phase (shared RabbitMQ); figures discarded")
+    res["cpu"] = cpu
+    res["machine_before"] = quiet
+    res["cpu_ms_per_job"] = per_job_ms(cpu, res["ok"])
+    if profiles is not None:
+        res["profile"] = profiles
+        for name, prof in profiles.items():
+            top = ", ".join(f"{f} {p}%" for f, p in prof.get("own_top", [])[:5])
+            say(f"    profile {name} ({prof.get('samples', 0)} samples): {top}")
+    stats1 = _settled_stats(stack, model)
+    if stats0 is not None and stats1 is not None:
+        batches = stats1.get("batches", 0) - stats0.get("batches", 0)
+        jobs = stats1.get("jobs", 0) - stats0.get("jobs", 0)
+        res["worker_stats"] = {"batches": batches, "jobs": jobs, "mean_batch_per_batch": round(jobs / batches, 3) if batches else None,
+                               "max_batch": stats1.get("max_batch")}
+    lat = res.get("latency_ms", {})
+    batch = res.get("mean_batch_size_per_job")
+    say(f"    -> {res['ok']} ok, {res['errors']} errors, {res['jobs_per_s']:,.1f} jobs/s, latency p50 {lat.get('p50', float('nan')):.2f} "
+        f"p95 {lat.get('p95', float('nan')):.2f} p99 {lat.get('p99', float('nan')):.2f} ms"
+        + (f", batch {batch:.2f}/job" if batch else "")
+        + f", machine busy {cpu['machine_busy_pct']}% (others {cpu['foreign_busy_pct']}%)")
+    if res["errors"]:
+        say(f"    errors: {res['error_samples']}")
+    return res
+
+
+def _settled_stats(stack: Stack | None, model: str | None) -> dict[str, Any] | None:
+    """The worker's counters once its 1 s stats report has caught up (the worker is idle here)."""
+    if stack is None or model is None:
+        return None
+    time.sleep(1.3)
+    try:
+        return stack.worker_stats(model)
+    except Exception:  # noqa: BLE001 - stats are best effort (etcd hiccup)
+        return None
+
+
+def _expect(proc: subprocess.Popen[Any], word: str, timeout: float, label: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"{label}: no {word} from the load generator within {timeout:.0f}s")
+        ready, _, _ = select.select([proc.stdout], [], [], min(remaining, 1.0))
+        if not ready:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{label}: load generator exited with {proc.returncode} before {word}")
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(5)
+            raise RuntimeError(f"{label}: load generator exited with {proc.returncode} before {word}")
+        if line.decode(errors="replace").strip() == word:
+            return
+
+
+def _check_output(phase: dict[str, Any], reference: np.ndarray) -> None:
+    got = phase.get("first_output")
+    if got is None:
+        phase["output_matches_reference"] = None
+        return
+    got_a = np.asarray(got, dtype=np.float32)
+    phase["output_matches_reference"] = bool(np.allclose(got_a, reference[: got_a.size], rtol=1e-3, atol=1e-4))
+    if not phase["output_matches_reference"]:
+        say(f"    WARNING: {phase['label']}: outputs differ from in-process ORT")
+
+
+def _meta(settings: Settings, opts: Options, namespace: str, celery_version: str | None) -> dict[str, Any]:
+    import aio_pika
+    import aiohttp
+    import onnxruntime
+
+    cpu_model = ""
+    try:
+        cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(), "cpus": os.cpu_count(), "cpu_model": cpu_model, "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+        "aiohttp": aiohttp.__version__, "aio_pika": aio_pika.__version__, "celery": celery_version,
+        "git": _git_rev(), "namespace": namespace, "broker": settings.broker.__repr__(),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()},
+    }
+
+
+def _git_rev() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("-dirty" if dirty else "") if rev else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _write(result: dict[str, Any], opts: Options) -> Path:
+    path = opts.output or RESULTS_DIR / f"{result['run_id']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path

@@ -1,0 +1,341 @@
+"""The load generator: a separate process that submits single-sample jobs and times each one.
+
+``python -m benchmarks.loadgen SPEC.json OUT.json``. Protocol with the harness
+(so CPU is measured around the timed part only): warm up, print ``READY`` on
+stdout, wait for a line on stdin, run the bounded load, print ``DONE``, write
+the results to OUT.json. Progress goes to stderr about once a second.
+
+Modes (``spec["mode"]``):
+
+* ``http``: POST /v1/models/{m}/jobs?wait=30 (msgpack body; the answer is the finished job),
+  polling GET /v1/jobs/{id}?wait=30 only if it was not final in time
+  (``Accept: application/msgpack``); latency is submit start -> result read.
+* ``amqp``: publish to ``<ns>.requests`` (routing key = model) with ``reply_to``
+  an exclusive queue, publisher confirms on; latency is publish start -> reply.
+* ``celery``: ``apply_async`` of ``bench.infer``, results through the rpc:// backend.
+
+Closed loop (``concurrency`` jobs in flight) unless ``rate`` is set: open loop,
+jobs arrive every ``1/rate`` s and latency counts from the scheduled arrival
+(no coordinated omission); ``concurrency`` then caps what is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from benchmarks.raw import percentiles
+
+TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+
+
+class Recorder:
+    """Latencies, per-job timings reported by the system, errors, and progress lines."""
+
+    def __init__(self, label: str, total: int, progress_s: float) -> None:
+        self.label = label
+        self.total = total
+        self.progress_s = progress_s
+        self.latencies: list[float] = []
+        self.batch_sizes: list[int] = []
+        self.inference_ms: list[float] = []
+        self.queue_ms: list[float] = []
+        self.errors: list[str] = []
+        self.first_output: list[float] | None = None
+        self.started = time.perf_counter()
+        self._last_print = self.started
+        self._last_done = 0
+        self.measuring = False
+
+    @property
+    def done(self) -> int:
+        return len(self.latencies) + len(self.errors)
+
+    def ok(self, latency_s: float, timings: dict[str, Any] | None, output: bytes | None, sample: int) -> None:
+        self.latencies.append(latency_s * 1000)
+        if timings:
+            if "batch_size" in timings:
+                self.batch_sizes.append(int(timings["batch_size"]))
+            if "inference_ms" in timings:
+                self.inference_ms.append(float(timings["inference_ms"]))
+            if "queue_ms" in timings:
+                self.queue_ms.append(float(timings["queue_ms"]))
+        if self.first_output is None and sample == 0 and output is not None:
+            self.first_output = np.frombuffer(output, dtype=np.float32)[:64].tolist()
+        self.tick()
+
+    def fail(self, what: str) -> None:
+        self.errors.append(what[:300])
+        self.tick()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.measuring and now - self._last_print >= self.progress_s:
+            rate = (self.done - self._last_done) / (now - self._last_print)
+            print(f"    {self.label}: {self.done}/{self.total} jobs, {rate:,.0f} jobs/s, {len(self.errors)} errors",
+                  file=sys.stderr, flush=True)
+            self._last_print, self._last_done = now, self.done
+
+    def result(self, duration_s: float) -> dict[str, Any]:
+        done = len(self.latencies)
+        return {
+            "label": self.label,
+            "jobs": self.total,
+            "ok": done,
+            "errors": len(self.errors),
+            "error_samples": sorted(set(self.errors))[:5],
+            "duration_s": round(duration_s, 4),
+            "jobs_per_s": round(done / duration_s, 2) if duration_s > 0 else 0.0,
+            "latency_ms": percentiles(self.latencies),
+            "mean_batch_size_per_job": round(float(np.mean(self.batch_sizes)), 3) if self.batch_sizes else None,
+            "inference_ms_mean": round(float(np.mean(self.inference_ms)), 4) if self.inference_ms else None,
+            # timings.queue_ms depends on how precisely the submit time travels in the message: see README
+            "worker_queue_ms": percentiles(self.queue_ms) if self.queue_ms else None,
+            "first_output": self.first_output,
+        }
+
+
+async def drive(n: int, concurrency: int, rate: float | None, job: Callable[[int, float], Awaitable[None]]) -> None:
+    """Run ``job(i, t_arrival)`` for i < n: closed loop, or open loop at ``rate`` capped at ``concurrency``."""
+    loop = asyncio.get_running_loop()
+    if not rate:
+        counter = iter(range(n))
+
+        async def lane() -> None:
+            for i in counter:
+                await job(i, time.perf_counter())
+
+        await asyncio.gather(*(lane() for _ in range(max(1, min(concurrency, n)))))
+        return
+    cap = asyncio.Semaphore(max(1, concurrency))
+    tasks = []
+    start = time.perf_counter()
+
+    async def capped(i: int, arrival: float) -> None:
+        async with cap:
+            await job(i, arrival)
+
+    for i in range(n):
+        arrival = start + i / rate
+        delay = arrival - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(capped(i, arrival)))
+    await asyncio.gather(*tasks)
+
+
+async def handshake(spec: dict[str, Any]) -> None:
+    """Tell the harness we are warm; wait for its go."""
+    print("READY", flush=True)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if not line:
+        raise SystemExit("harness went away")
+
+
+def _bodies(spec: dict[str, Any]) -> tuple[np.ndarray, list[bytes]]:
+    x = np.load(spec["inputs_path"])
+    bodies = [msgpack.packb({"inputs": {"x": {"dtype": "float32", "shape": [1, *x.shape[1:]], "data": s.tobytes()}}}, use_bin_type=True)
+              for s in x]
+    return x, bodies
+
+
+async def run_http(spec: dict[str, Any], out: dict[str, Any]) -> None:
+    import aiohttp
+
+    _, bodies = _bodies(spec)
+    base = spec["url"].rstrip("/")
+    submit_url = f"{base}/v1/models/{spec['model']}/jobs?wait=30"
+    submit_headers = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+    poll_headers = {"Accept": "application/msgpack"}
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+    job_timeout = float(spec.get("job_timeout_s", 60))
+    timeout = aiohttp.ClientTimeout(total=job_timeout + 5)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+
+        async def job(rec: Recorder, i: int, arrival: float) -> None:
+            sample = i % len(bodies)
+            try:
+                # Submit and wait in one request; a job not final in time is polled.
+                async with http.post(submit_url, data=bodies[sample], headers=submit_headers) as resp:
+                    raw = await resp.read()
+                    if resp.status not in (200, 202):
+                        rec.fail(f"submit HTTP {resp.status}: {raw[:200]!r}")
+                        return
+                    finished = resp.status == 200
+                doc = msgpack.unpackb(raw, raw=False) if finished else json.loads(raw)
+                poll_url = f"{base}/v1/jobs/{doc['job_id']}?wait=30"
+                while not finished:
+                    if time.perf_counter() - arrival > job_timeout:
+                        rec.fail(f"job not final after {job_timeout:g}s")
+                        return
+                    async with http.get(poll_url, headers=poll_headers) as resp:
+                        raw = await resp.read()
+                        if resp.status != 200:
+                            rec.fail(f"poll HTTP {resp.status}: {raw[:200]!r}")
+                            return
+                    doc = msgpack.unpackb(raw, raw=False)
+                    if doc["status"] in TERMINAL:
+                        break
+                done = time.perf_counter()
+                if doc["status"] != "succeeded":
+                    rec.fail(f"job {doc['status']}: {doc.get('error')}")
+                    return
+                output = next(iter(doc.get("outputs", {}).values()), {}).get("data")
+                rec.ok(done - arrival, doc.get("timings"), output, sample)
+            except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
+                rec.fail(f"{type(exc).__name__}: {exc}")
+
+        await _phases(spec, out, job)
+
+
+async def run_amqp(spec: dict[str, Any], out: dict[str, Any]) -> None:
+    import aio_pika
+
+    from broker.messages import JobRequest
+
+    _, bodies = _bodies(spec)
+    connection = await aio_pika.connect(spec["broker_url"])
+    try:
+        publisher = await connection.channel(publisher_confirms=True)
+        exchange = await publisher.get_exchange(f"{spec['namespace']}.requests", ensure=False)
+        replies = await connection.channel()
+        queue = await replies.declare_queue(exclusive=True, auto_delete=True)
+        waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            future = waiting.pop(message.correlation_id or "", None)
+            if future is not None and not future.done():
+                future.set_result(msgpack.unpackb(message.body, raw=False))
+
+        await queue.consume(on_reply, no_ack=True)
+        loop = asyncio.get_running_loop()
+
+        async def job(rec: Recorder, i: int, arrival: float) -> None:
+            sample = i % len(bodies)
+            job_id = uuid.uuid4().hex
+            future = waiting[job_id] = loop.create_future()
+            message = JobRequest(job_id, {}, reply_to=queue.name, correlation_id=job_id).to_message(bodies[sample])
+            try:
+                await exchange.publish(message, routing_key=spec["model"], mandatory=True)
+                result = await asyncio.wait_for(future, float(spec.get("job_timeout_s", 60)))
+            except (aio_pika.exceptions.AMQPError, asyncio.TimeoutError, OSError) as exc:
+                waiting.pop(job_id, None)
+                rec.fail(f"{type(exc).__name__}: {exc}")
+                return
+            done = time.perf_counter()
+            if result.get("status") != "succeeded":
+                rec.fail(f"job {result.get('status')}: {result.get('error')}")
+                return
+            output = next(iter((result.get("outputs") or {}).values()), {}).get("data")
+            rec.ok(done - arrival, result.get("timings"), output, sample)
+
+        await _phases(spec, out, job)
+    finally:
+        await connection.close()
+
+
+async def _phases(spec: dict[str, Any], out: dict[str, Any], job: Callable[..., Awaitable[None]]) -> None:
+    warm = Recorder("warm-up", spec["warmup"], spec.get("progress_s", 1.0))
+    await drive(spec["warmup"], spec["concurrency"], None, lambda i, t: job(warm, i, t))
+    if warm.errors:
+        raise SystemExit(f"warm-up failed: {warm.errors[:3]}")
+    await handshake(spec)
+    rec = Recorder(spec["label"], spec["jobs"], spec.get("progress_s", 1.0))
+    rec.measuring = True
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    await drive(spec["jobs"], spec["concurrency"], spec.get("rate"), lambda i, t: job(rec, i, t))
+    duration = time.perf_counter() - t0
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    print("DONE", flush=True)
+    out.update(rec.result(duration))
+    out["loadgen_cpu_s"] = round((usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime), 4)
+
+
+def run_celery(spec: dict[str, Any], out: dict[str, Any]) -> None:
+    """Celery's client is synchronous: one thread, results through the rpc:// consumer's callbacks."""
+    import socket
+
+    from benchmarks.celery_app import app, infer
+
+    x = np.load(spec["inputs_path"])
+    payloads = [(s[None].tobytes(), [1, *x.shape[1:]]) for s in x]
+    consumer = app.backend.result_consumer
+
+    def run(rec: Recorder, n: int, concurrency: int, rate: float | None) -> float:
+        done: list[tuple[int, float, Any]] = []
+        submitted = inflight = finished = 0
+        start = time.perf_counter()
+        last_progress = start
+
+        def submit(i: int, arrival: float) -> None:
+            result = infer.apply_async(args=payloads[i % len(payloads)])
+            result.then(lambda r, i=i, arrival=arrival: done.append((i, arrival, r)))
+
+        while finished < n:
+            now = time.perf_counter()
+            while submitted < n and inflight < concurrency and (not rate or start + submitted / rate <= now):
+                submit(submitted, start + submitted / rate if rate else time.perf_counter())
+                submitted += 1
+                inflight += 1
+            try:
+                wait = 1.0 if not rate else max(0.0005, min(1.0, start + submitted / rate - time.perf_counter()))
+                consumer.drain_events(timeout=wait)
+            except socket.timeout:
+                if time.perf_counter() - last_progress > 60:
+                    raise SystemExit(f"celery: no result for 60 s ({finished}/{n} done)")
+            now = time.perf_counter()
+            while done:
+                i, arrival, r = done.pop()
+                inflight -= 1
+                finished += 1
+                last_progress = now
+                if r.status != "SUCCESS":
+                    rec.fail(f"task {r.status}: {r.result!r}")
+                else:
+                    data, _shape = r.result
+                    rec.ok(now - arrival, None, data, i % len(payloads))
+        return time.perf_counter() - start
+
+    warm = Recorder("warm-up", spec["warmup"], spec.get("progress_s", 1.0))
+    run(warm, spec["warmup"], spec["concurrency"], None)
+    if warm.errors:
+        raise SystemExit(f"warm-up failed: {warm.errors[:3]}")
+    print("READY", flush=True)
+    if not sys.stdin.readline():
+        raise SystemExit("harness went away")
+    rec = Recorder(spec["label"], spec["jobs"], spec.get("progress_s", 1.0))
+    rec.measuring = True
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    duration = run(rec, spec["jobs"], spec["concurrency"], spec.get("rate"))
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    print("DONE", flush=True)
+    out.update(rec.result(duration))
+    out["loadgen_cpu_s"] = round((usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime), 4)
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    out: dict[str, Any] = {"mode": spec["mode"], "model": spec["model"], "concurrency": spec["concurrency"], "rate": spec.get("rate")}
+    if spec["mode"] == "celery":
+        run_celery(spec, out)
+    else:
+        import uvloop
+
+        uvloop.run(run_http(spec, out) if spec["mode"] == "http" else run_amqp(spec, out))
+    Path(argv[1]).write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
