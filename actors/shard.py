@@ -82,6 +82,7 @@ class ShardWorker(Actor):
         self.acks = AckTracker()
         self._slots = asyncio.Semaphore(2)
         self._batches: set[asyncio.Task[None]] = set()
+        self._computing = 0  # batches between decode and result write: "busy" for the batcher
         self._connection: BrokerConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._queue: aio_pika.abc.AbstractQueue | None = None
@@ -139,7 +140,7 @@ class ShardWorker(Actor):
         while True:
             await self._slots.acquire()
             # An idle worker runs what it has at once; a busy one lets the next batch fill up meanwhile.
-            batch = await self.batcher.next_batch(wait=bool(self._batches))
+            batch = await self.batcher.next_batch(wait=self._computing > 0)
             task = asyncio.create_task(self._run_batch(batch), name=f"{self.name}:batch")
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
@@ -164,15 +165,20 @@ class ShardWorker(Actor):
 
     async def _process(self, deliveries: list[Delivery]) -> None:
         started = time.time()
-        jobs, final, bad = self._decode(deliveries)
-        groups, rejected = plan(jobs, self.version, self.entry.config.allow_nan)
-        for delivery, request, exc in rejected:
-            final.append(self._event(request, FAILED, delivery, error=error_dict(exc.code, str(exc))))
-        runnable = [(d, r) for g in groups for d, r in zip(g.jobs, g.requests)]
-        running = asyncio.ensure_future(self._ledger.write([self._event(r, RUNNING, d) for d, r in runnable]))
-        retries: list[tuple[Delivery, JobRequest]] = []
-        for group in groups:
-            final.extend(await self._run_group(group, started, retries))
+        # A batch that is only writing results no longer makes the next one wait to fill up.
+        self._computing += 1
+        try:
+            jobs, final, bad = self._decode(deliveries)
+            groups, rejected = plan(jobs, self.version, self.entry.config.allow_nan)
+            for delivery, request, exc in rejected:
+                final.append(self._event(request, FAILED, delivery, error=error_dict(exc.code, str(exc))))
+            runnable = [(d, r) for g in groups for d, r in zip(g.jobs, g.requests)]
+            running = asyncio.ensure_future(self._ledger.write([self._event(r, RUNNING, d) for d, r in runnable]))
+            retries: list[tuple[Delivery, JobRequest]] = []
+            for group in groups:
+                final.extend(await self._run_group(group, started, retries))
+        finally:
+            self._computing -= 1
         await asyncio.shield(self._finish(deliveries, bad, final, running, retries))
 
     def _decode(self, deliveries: list[Delivery]) -> tuple[list[tuple[Delivery, JobRequest]], list[JobEvent], list[Delivery]]:

@@ -33,11 +33,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     bench.add_argument("--output", help="result file (default benchmarks/results/<run-id>.json)")
     bench.add_argument("--profile", metavar="DIR", help="py-spy the edge and worker during loaded inferq phases; raw profiles go to DIR")
     bench.add_argument("--keep", action="store_true", help="keep the temporary model repository and process logs")
+    bench.add_argument("--scaling", action="store_true",
+                       help="instead: the autoscaler's cold start (zero workers to first result) and scale-up reaction times")
+    bench.add_argument("--scaling-rounds", type=int, default=3, help="rounds of the --scaling measurement (default 3)")
+    bench.add_argument("--scaling-interval", type=float, default=0.5, help="autoscaler interval_s during --scaling (default 0.5)")
     bench.set_defaults(func=run_bench)
 
 
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     """Run the benchmark with the broker and etcd of ``settings`` in a namespace of its own."""
+    if args.scaling:
+        return _run_scaling(settings, args)
     from benchmarks.harness import run
 
     return run(settings, args)
+
+
+def _run_scaling(settings: Settings, args: argparse.Namespace) -> int:
+    import datetime
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.harness import RESULTS_DIR
+    from benchmarks.scaling import run_scaling
+
+    print(f"scaling: {args.scaling_rounds} rounds, autoscaler interval {args.scaling_interval} s, local launcher, demo mlp", flush=True)
+    result = run_scaling(settings, Path(tempfile.mkdtemp(prefix="inferq-scaling-")), args.scaling_interval, args.scaling_rounds)
+    path = Path(args.output) if args.output else RESULTS_DIR / f"scaling-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"cold start (0 workers -> first result): median {result['cold_start_s_median']} s  {result['cold_start_s']}")
+    print(f"backlog -> second worker consuming:      median {result['scale_up_s_median']} s  {result['scale_up_s']}")
+    print(f"goal: both under 3 s. Written to {path}")
+    return 0

@@ -50,6 +50,7 @@ class BrokerConnection:
         self._publisher: aio_pika.abc.AbstractChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._reopen_lock = asyncio.Lock()
+        self._sender: aio_pika.abc.AbstractChannel | None = None
 
     def __repr__(self) -> str:
         return f"<BrokerConnection {self.name} {mask_url(self.settings.url)} {self.state}>"
@@ -155,6 +156,17 @@ class BrokerConnection:
             if asyncio.current_task().cancelling():
                 raise
             raise BrokerUnavailable(f"publish to {routing_key!r} lost with the connection") from exc
+
+    async def send(self, message: aio_pika.abc.AbstractMessage, routing_key: str) -> None:
+        """Publish on the default exchange without waiting for a confirm (best-effort messages: replies)."""
+        if not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ (reconnecting)")
+        try:
+            if self._sender is None or self._sender.is_closed:
+                self._sender = await asyncio.wait_for(self._connection.channel(publisher_confirms=False), self.settings.connect_timeout_s)
+            await self._sender.default_exchange.publish(message, routing_key, mandatory=False)
+        except (*_UNAVAILABLE, RuntimeError, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerUnavailable(f"send to {routing_key!r} failed: {exc!r}") from exc
 
     async def _ensure_publisher(self) -> None:
         # aio-pika does not always reopen a confirming channel that had publishes

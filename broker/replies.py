@@ -1,4 +1,8 @@
-"""Results to ``reply_to``: best effort, since the job ledger always has them."""
+"""Results to ``reply_to``: best effort, since the job ledger always has them.
+
+Sent without waiting for a publisher confirm: a reply is only a shortcut to the
+result, and waiting would hold the job's ack (and the client) back.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,6 @@ async def send_reply(connection: BrokerConnection, request: aio_pika.abc.Abstrac
         return
     message = aio_pika.Message(packb(event.result()), content_type=CONTENT_TYPE, correlation_id=request.correlation_id, message_id=event.job_id)
     try:
-        await connection.publish(message, request.reply_to)
+        await connection.send(message, request.reply_to)
     except BrokerError as exc:
         log.info("reply for %s not delivered: %s", event.job_id, exc)
