@@ -1,6 +1,6 @@
 """The autoscaler actor: queue backlog + membership -> spawn or drain workers, per model version.
 
-Every ``interval_s`` the elected leader reads, for each model version, the
+Every ``interval_s`` (0.5 s by default) the elected leader reads, for each model version, the
 queue's ready count and the in-flight count its workers report (so busy
 workers are never mistaken for idle ones), the live workers from etcd and the
 policy (model config, overridden by ``/<ns>/policies/<model>``). It asks the

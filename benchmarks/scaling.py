@@ -99,7 +99,9 @@ async def _scale_up(connection: Any, topology: Any, queue: str) -> float:
     finally:
         publishing.cancel()
         await asyncio.gather(publishing, return_exceptions=True)
-        await (await connection.channel()).queue_purge(queue)
+        channel = await connection.channel()
+        await (await channel.declare_queue(queue, passive=True)).purge()
+        await channel.close()
 
 
 async def _flood(connection: Any, topology: Any, count: int) -> None:

@@ -185,30 +185,9 @@ class Stack:
         """Delete this run's queues, exchanges and etcd keys (as tests/conftest.py does)."""
         if not self._synced:
             return
-        run_async(_remove_namespace(self.settings))
+        from runtime.loader import remove_namespace
 
-
-async def _remove_namespace(settings: Settings) -> None:
-    from broker.connection import BrokerConnection
-    from broker.topology import Topology
-    from runtime.coordination import keys, open_etcd
-    from runtime.repository import scan
-
-    topology = Topology(settings.namespace)
-    async with await BrokerConnection.open(settings.broker, "bench-cleanup") as connection:
-        channel = await connection.channel()
-        names = [topology.dead, topology.ledger, topology.cancels]
-        for entry in scan(settings.model_repository).values():
-            names += [topology.model_queue(entry.name, v) for v in entry.versions]
-        for name in names:
-            await channel.queue_delete(name)
-        for name in (topology.requests, topology.control, topology.dead):
-            await channel.exchange_delete(name)
-    client = open_etcd(settings.etcd)
-    try:
-        await client.delete_prefix(keys(settings.namespace).root.encode())
-    finally:
-        await client.close()
+        run_async(remove_namespace(self.settings))
 
 
 def dump(obj: Any) -> str:

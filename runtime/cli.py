@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     sync = msub.add_parser("sync", help="publish a repository's models to etcd and declare their queues")
     sync.add_argument("--model-repository")
     sync.set_defaults(func=_models_sync)
-    demo = msub.add_parser("demo", help="write the demo models (mlp, cnn) into the repository")
+    demo = msub.add_parser("demo", help="write the demo models (mlp, cnn, transformer) into the repository")
     demo.add_argument("--model-repository")
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(func=_models_demo)

@@ -7,7 +7,7 @@ import logging
 from broker.connection import BrokerConnection
 from broker.topology import Topology
 from runtime.catalog import publish_models
-from runtime.coordination import open_etcd
+from runtime.coordination import keys, open_etcd
 from runtime.repository import scan
 from runtime.settings import Settings
 
@@ -29,3 +29,19 @@ async def sync_repository(settings: Settings) -> list[str]:
     for entry in entries.values():
         log.info("model %s: versions %s, default %s", entry.name, sorted(entry.versions, key=int), entry.default_version)
     return list(entries)
+
+
+async def remove_namespace(settings: Settings) -> None:
+    """Delete a namespace's queues, streams, exchanges and etcd keys (tests and benchmarks clean up with it)."""
+    topology = Topology(settings.namespace)
+    async with await BrokerConnection.open(settings.broker, "inferq-cleanup") as connection:
+        channel = await connection.channel()
+        names = [topology.dead, topology.ledger, topology.cancels]
+        for entry in scan(settings.model_repository).values():
+            names += [topology.model_queue(entry.name, v) for v in entry.versions]
+        for name in names:
+            await channel.queue_delete(name)
+        for name in (topology.requests, topology.control, topology.dead):
+            await channel.exchange_delete(name)
+    async with open_etcd(settings.etcd) as client:
+        await client.delete_prefix(keys(settings.namespace).root.encode())

@@ -91,7 +91,7 @@ class EdgeSettings:
 class AutoscalerSettings:
     """The autoscaler's loop and the default scaling policy of every model."""
 
-    interval_s: float = 2.0
+    interval_s: float = 0.5  # a tick is a few etcd reads and one passive declare per model version
     launcher: str = "local"
     models: str = ""  # comma-separated model names to scale; empty: every model
     min_workers: int = 0

@@ -19,12 +19,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from broker.connection import BrokerConnection
-from broker.topology import Topology
 from runtime.coordination import keys, open_etcd
 from runtime.demo import write_demo_repository
-from runtime.loader import sync_repository
-from runtime.repository import scan
+from runtime.loader import remove_namespace, sync_repository
 from runtime.settings import EtcdSettings, JobSettings, Settings
 from tests.models import write_reshape_model, write_slow_model
 from tests.support import AmqpClient, Process, live_workers, wait_until
@@ -63,22 +60,7 @@ async def synced(settings: Settings) -> AsyncIterator[Settings]:
     """The demo repository declared and published; every namespace queue removed afterwards."""
     await sync_repository(settings)
     yield settings
-    await _remove_namespace(settings)
-
-
-async def _remove_namespace(settings: Settings) -> None:
-    topology = Topology(settings.namespace)
-    async with await BrokerConnection.open(settings.broker, "test-cleanup") as connection:
-        channel = await connection.channel()
-        names = [topology.dead, topology.ledger, topology.cancels]
-        for entry in scan(settings.model_repository).values():
-            names += [topology.model_queue(entry.name, v) for v in entry.versions]
-        for name in names:
-            await channel.queue_delete(name)
-        for name in (topology.requests, topology.control, topology.dead):
-            await channel.exchange_delete(name)
-    async with open_etcd(settings.etcd) as client:
-        await client.delete_prefix(keys(settings.namespace).root.encode())
+    await remove_namespace(settings)
 
 
 @pytest.fixture

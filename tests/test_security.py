@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import math
 
-import numpy as np
 import pytest
 
 from broker.codec import encode_tensor, packb
@@ -14,7 +13,7 @@ from runtime.coordination import open_etcd
 from runtime.errors import ConfigError
 from runtime.repository import read_signature
 from tests.conftest import sample
-from tests.test_edge import poll, v2_input
+from tests.test_edge import v2_input
 
 
 async def test_nan_is_refused_where_the_model_config_forbids_it(spawn_edge, http) -> None:
@@ -64,7 +63,6 @@ async def test_bytes_tensors_are_refused_with_422(spawn_edge, http) -> None:
 
 
 def test_a_model_whose_external_data_points_outside_its_directory_is_refused(tmp_path) -> None:
-    import onnx
     from onnx import TensorProto, helper
 
     w = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
