@@ -125,7 +125,7 @@ class Autoscaler(Actor):
         current = self._current(key, len(live))
         now = time.monotonic()
         desired, reason = self._recommenders.setdefault(key, Recommender()).decide(policy, now, backlog, current)
-        decision = Decision(model, version, backlog, current, desired, reason)
+        decision = Decision(model, version, backlog, current, desired, reason, consumers=counts[1])
         await self._record(key, decision)
         if desired > current:
             await self._spawn(key, record, desired - current, len(live))
@@ -174,7 +174,8 @@ class Autoscaler(Actor):
         self.decisions[key] = decision
         if previous is not None and (previous.desired, previous.current, previous.reason) == (decision.desired, decision.current, decision.reason):
             return
-        log.info("%s:%s backlog=%d workers=%d desired=%d (%s)", *key, decision.backlog, decision.current, decision.desired, decision.reason)
+        log.info("%s:%s backlog=%d workers=%d consumers=%d desired=%d (%s)", *key, decision.backlog, decision.current,
+                 decision.consumers, decision.desired, decision.reason)
         doc = dict(decision.to_dict(), leader=self.identity, at=time.time())
         try:
             async with translated("recording a decision"):

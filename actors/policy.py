@@ -60,6 +60,7 @@ class Decision:
     current: int
     desired: int
     reason: str
+    consumers: int = 0  # consumers on the queue, as RabbitMQ counts them (a cross-check of membership)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

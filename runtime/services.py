@@ -30,6 +30,7 @@ def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def _wait(host: str, port: int, what: str, timeout: float) -> None:
+    # Synchronous on purpose: the CLI calls this before any event loop exists.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if reachable(host, port):
