@@ -9,11 +9,14 @@ delivery tags start again).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import Iterable
 
 import aio_pika
+
+from broker.connection import foreign_cancel
 
 log = logging.getLogger("inferq.acks")
 
@@ -28,6 +31,9 @@ class AckTracker:
         self._order: deque[tuple[Delivery, int]] = deque()
         self._finished: dict[int, bool] = {}  # id(delivery) -> does it still need an ack?
         self._tracked: set[int] = set()
+        # Frames of concurrent finish() calls could otherwise reach the socket out of tag order
+        # (an earlier multiple ack after a later one is an unknown tag: the channel closes).
+        self._lock = asyncio.Lock()
 
     def __len__(self) -> int:
         return len(self._order)
@@ -46,8 +52,13 @@ class AckTracker:
         for delivery in settled:
             if id(delivery) in self._tracked:
                 self._finished[id(delivery)] = False
-        for last in self._pop_runs():
-            await ack(last, multiple=True)
+        async with self._lock:
+            for last in self._pop_runs():
+                await ack(last, multiple=True)
+
+    def pending(self, deliveries: Iterable[Delivery]) -> list[Delivery]:
+        """Those of ``deliveries`` not finished yet."""
+        return [d for d in deliveries if id(d) in self._tracked and id(d) not in self._finished]
 
     def _pop_runs(self) -> list[Delivery]:
         """The last ack-needing delivery of each finished run at the head, per channel."""
@@ -68,7 +79,9 @@ async def ack(delivery: Delivery, multiple: bool = False) -> None:
     """Ack; a stale delivery after a reconnect is redelivered anyway."""
     try:
         await delivery.ack(multiple=multiple)
-    except SETTLE_ERRORS as exc:
+    except (*SETTLE_ERRORS, asyncio.CancelledError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and not foreign_cancel(exc):
+            raise
         log.info("could not ack %s: %r (the broker will redeliver it)", delivery.message_id, exc)
 
 
@@ -79,5 +92,7 @@ async def settle(delivery: Delivery, requeue: bool) -> None:
             await delivery.nack(requeue=True)
         else:
             await delivery.reject(requeue=False)
-    except SETTLE_ERRORS as exc:
+    except (*SETTLE_ERRORS, asyncio.CancelledError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and not foreign_cancel(exc):
+            raise
         log.info("could not settle %s: %r (the broker will redeliver it)", delivery.message_id, exc)

@@ -37,7 +37,8 @@ class Batcher:
             if len(batch) >= self.max_size or remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self.mailbox.get(), remaining))
+                async with asyncio.timeout(remaining):
+                    batch.append(await self.mailbox.get())
             except TimeoutError:
                 break
         self._collecting = []

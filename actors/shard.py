@@ -29,7 +29,7 @@ from broker.connection import BrokerConnection, close_channel
 from broker.control import ControlListener, worker_key
 from broker.ledger import LedgerWriter
 from broker.replies import send_reply
-from broker.messages import EXPIRED, FAILED, RUNNING, SUCCEEDED, JobEvent, JobRequest, check_job_id, error_dict, submitted_at
+from broker.messages import CANCELLED, EXPIRED, FAILED, RUNNING, SUCCEEDED, JobEvent, JobRequest, check_job_id, error_dict, submitted_at
 from broker.topology import Topology
 from runtime.actor import Actor
 from runtime.coordination import keys, open_etcd
@@ -157,11 +157,18 @@ class ShardWorker(Actor):
             await self._process(deliveries)
         except Exception:  # a bug of ours must not leave jobs unacked forever (and block later acks)
             log.exception("batch failed unexpectedly; handing its jobs back")
-            for delivery in deliveries:
-                await settle(delivery, requeue=True)
-            await self.acks.finish(settled=deliveries)
         finally:
             self.stats.inflight -= len(deliveries)
+            # Deliveries not yet acked or handed back (error, lost connection) go back now:
+            # one left unfinished would hold up every later ack.
+            left = self.acks.pending(deliveries)
+            if left:
+                await asyncio.shield(self._hand_back(left))
+
+    async def _hand_back(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            await settle(delivery, requeue=True)
+        await self.acks.finish(settled=deliveries)
 
     async def _process(self, deliveries: list[Delivery]) -> None:
         started = time.time()
@@ -195,6 +202,9 @@ class ShardWorker(Actor):
                 final.extend(self._malformed_event(delivery, exc))
                 continue
             if request.job_id in self._cancels:
+                # The edge recorded the cancellation too; repeating it is harmless (first final state wins)
+                # and covers an edge that died between the cancel stream and the ledger.
+                final.append(self._event(request, CANCELLED, delivery))
                 continue
             if _expired(delivery):
                 final.append(JobEvent(request.job_id, EXPIRED, self.entry.name, self.version.version, tenant=request.tenant,
@@ -305,9 +315,10 @@ class ShardWorker(Actor):
                 await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 5)
             except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as exc:
                 log.warning("cancelling the consumer: %r", exc)
-        for task in list(self._tasks):
-            if task.get_name().endswith(":batches"):
-                task.cancel()
+        loops = [t for t in self._tasks if t.get_name().endswith(":batches")]
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)  # it must not batch anything after this
         unstarted = self.batcher.take_all()
         for delivery in unstarted:
             await settle(delivery, requeue=True)

@@ -26,13 +26,21 @@ _UNAVAILABLE = (
 )
 
 
+def foreign_cancel(exc: BaseException) -> bool:
+    """Whether a CancelledError came from aiormq failing a pending frame (connection lost), not from cancelling us."""
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and not task.cancelling()
+
+
 async def close_channel(channel: aio_pika.abc.AbstractChannel | None, what: str) -> None:
     """Close a channel if it is open; a broker already gone is fine (its work is redelivered anyway)."""
     if channel is None or channel.is_closed:
         return
     try:
         await asyncio.wait_for(channel.close(), 5)
-    except (*_UNAVAILABLE, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+    except (*_UNAVAILABLE, aio_pika.exceptions.AMQPError, RuntimeError, asyncio.CancelledError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and not foreign_cancel(exc):
+            raise
         log.debug("closing the %s channel: %r", what, exc)
 
 
@@ -111,14 +119,16 @@ class BrokerConnection:
         except BrokerUnavailable:
             return None
         try:
-            raw = await channel.get_underlay_channel()
-            ok = await asyncio.wait_for(raw.queue_declare(queue, passive=True), self.settings.connect_timeout_s)
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                raw = await channel.get_underlay_channel()
+                ok = await raw.queue_declare(queue, passive=True)
             return ok.message_count, ok.consumer_count
-        except (*_UNAVAILABLE, aiormq.exceptions.AMQPError):
+        except (*_UNAVAILABLE, aiormq.exceptions.AMQPError, RuntimeError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not foreign_cancel(exc):
+                raise
             return None
         finally:
-            if not channel.is_closed:
-                await channel.close()
+            await close_channel(channel, "queue-count")
 
     @property
     def publisher(self) -> aio_pika.abc.AbstractChannel:
@@ -153,7 +163,7 @@ class BrokerConnection:
         except asyncio.CancelledError as exc:
             # aiormq cancels pending confirms when the connection drops; only a
             # cancellation of our own task is a real one.
-            if asyncio.current_task().cancelling():
+            if not foreign_cancel(exc):
                 raise
             raise BrokerUnavailable(f"publish to {routing_key!r} lost with the connection") from exc
 
@@ -165,7 +175,9 @@ class BrokerConnection:
             if self._sender is None or self._sender.is_closed:
                 self._sender = await asyncio.wait_for(self._connection.channel(publisher_confirms=False), self.settings.connect_timeout_s)
             await self._sender.default_exchange.publish(message, routing_key, mandatory=False)
-        except (*_UNAVAILABLE, RuntimeError, aiormq.exceptions.AMQPError) as exc:
+        except (*_UNAVAILABLE, RuntimeError, aiormq.exceptions.AMQPError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not foreign_cancel(exc):
+                raise
             raise BrokerUnavailable(f"send to {routing_key!r} failed: {exc!r}") from exc
 
     async def _ensure_publisher(self) -> None:

@@ -86,7 +86,7 @@ class LedgerWriter:
         events = [e for evs, _ in batch for e in evs]
         message = aio_pika.Message(pack_events(events), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
-            await self._connection.publish(message, self._stream)
+            await self._connection.publish(message, self._stream, mandatory=True)
         except asyncio.CancelledError:
             _settle(batch, BrokerUnavailable("ledger writer closed"))
             raise
