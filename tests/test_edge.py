@@ -233,3 +233,17 @@ async def test_submit_with_wait_answers_with_the_finished_job(spawn_worker, spaw
     np.testing.assert_allclose(outputs_of(doc)["probs"], reference("mlp", x), rtol=1e-5, atol=1e-6)
     async with http.post(f"{edge.url}/v1/models/tiny/jobs?wait=0.2", json={"inputs": [v2_input(x)]}) as resp:
         assert resp.status in (202, 429), "a job that does not finish in time is answered as accepted"
+
+
+async def test_a_cancellation_that_only_reached_the_workers_still_ends_the_job(spawn_worker, spawn_edge, http, amqp) -> None:
+    from broker.ledger import LedgerWriter
+    from broker.messages import CANCELLED, JobEvent
+
+    edge = await spawn_edge()
+    job = await submit(http, edge, "cnn", sample("cnn"))
+    # As if the edge died between the cancel stream and the ledger: only workers hear of it.
+    async with LedgerWriter(amqp.connection, amqp.topology.cancels) as cancels:
+        await cancels.write([JobEvent(job["job_id"], CANCELLED, "cnn", "1")])
+    await spawn_worker("cnn")
+    doc = await poll(http, edge, job["job_id"])
+    assert doc["status"] == "cancelled" and doc["started_at"] is None and "outputs" not in doc
