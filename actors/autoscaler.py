@@ -1,6 +1,7 @@
 """The autoscaler actor: queue backlog + membership -> spawn or drain workers, per model version.
 
-Every ``interval_s`` (0.5 s by default) the elected leader reads, for each model version, the
+Every ``interval_s`` (0.5 s by default), and at once when a watch on the
+membership or policy prefix fires, the elected leader reads, for each model version, the
 queue's ready count and the in-flight count its workers report (so busy
 workers are never mistaken for idle ones), the live workers from etcd and the
 policy (model config, overridden by ``/<ns>/policies/<model>``). It asks the
@@ -26,7 +27,7 @@ from broker.connection import BrokerConnection
 from broker.topology import Topology
 from runtime.actor import Actor
 from runtime.catalog import read_models
-from runtime.coordination import get_json_prefix, keys, open_etcd, translated
+from runtime.coordination import ETCD_ERRORS, get_json_prefix, keys, open_etcd, translated
 from runtime.election import LeaderElection
 from runtime.errors import ConfigError, CoordinationError, InferqError
 from runtime.settings import Settings
@@ -62,6 +63,7 @@ class Autoscaler(Actor):
         self.election: LeaderElection | None = None
         self.launcher: Launcher | None = None
         self.decisions: dict[tuple[str, str], Decision] = {}
+        self._changed = asyncio.Event()
 
     async def on_start(self) -> None:
         s = self.settings
@@ -76,6 +78,8 @@ class Autoscaler(Actor):
         else:
             raise ConfigError(f"unknown launcher {self._launcher_kind!r} (local or agent)")
         self.spawn(self._loop(), "loop")
+        for prefix in (self.keys.workers, self.keys.policies):
+            self.spawn(self._watch(prefix), f"watch:{prefix}")
 
     async def _loop(self) -> None:
         interval = self.settings.autoscaler.interval_s
@@ -85,9 +89,39 @@ class Autoscaler(Actor):
                     await self.tick()
                 except InferqError as exc:
                     log.warning("tick skipped: %s", exc)
-                await asyncio.sleep(interval)
+                await self._pause(interval)
             else:
                 await asyncio.sleep(min(interval, self.settings.etcd.lease_ttl_s / 4))
+
+    async def _pause(self, interval: float) -> None:
+        """Until the next tick, or sooner when membership or a policy changes.
+
+        Workers rewrite their records (stats) every second, so a change wakes the
+        loop no more often than five times an interval.
+        """
+        await asyncio.sleep(interval / 5)
+        try:
+            async with asyncio.timeout(interval * 4 / 5):
+                await self._changed.wait()
+        except TimeoutError:
+            pass
+        self._changed.clear()
+
+    async def _watch(self, prefix: str) -> None:
+        """Wake the loop on every change under ``prefix``.
+
+        Each tick reads the state afresh, so a broken or compacted watch loses
+        nothing: it is opened again and the next tick resyncs.
+        """
+        while True:
+            try:
+                watch = await asyncio.wait_for(self._etcd.watch_prefix(prefix.encode()), self.settings.etcd.timeout_s)
+                async for _ in watch:
+                    self._changed.set()
+            except ETCD_ERRORS as exc:
+                log.debug("watch on %s ended (%r); opening it again", prefix, exc)
+            self._changed.set()
+            await asyncio.sleep(1.0)
 
     async def tick(self) -> None:
         """One round of decisions over every model version."""
