@@ -84,6 +84,11 @@ class Agent(Actor):
             return
         await self._publish_count()
 
+    async def on_drain(self) -> None:
+        """Take no more spawn commands: one arriving while the workers drain would outlive the agent."""
+        if self._control is not None:
+            await self._control.aclose()
+
     async def on_close(self) -> None:
         await self.launcher.aclose()
         for closer in (self._control, self._lease):

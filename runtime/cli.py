@@ -17,9 +17,6 @@ log = logging.getLogger("inferq.cli")
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``inferq`` console script."""
-    # Launchers fork worker processes while etcd's gRPC threads run; gRPC's fork
-    # handlers can then hang the child before it execs. The child needs no gRPC state.
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
