@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
+from typing import Any
 
 import aio_pika
 
@@ -77,22 +78,21 @@ class AckTracker:
 
 async def ack(delivery: Delivery, multiple: bool = False) -> None:
     """Ack; a stale delivery after a reconnect is redelivered anyway."""
-    try:
-        await delivery.ack(multiple=multiple)
-    except (*SETTLE_ERRORS, asyncio.CancelledError) as exc:
-        if isinstance(exc, asyncio.CancelledError) and not foreign_cancel(exc):
-            raise
-        log.info("could not ack %s: %r (the broker will redeliver it)", delivery.message_id, exc)
+    await _tolerant(delivery.ack(multiple=multiple), delivery, "ack")
 
 
 async def settle(delivery: Delivery, requeue: bool) -> None:
     """Requeue, or reject without requeue (dead-letter), one delivery."""
+    action = delivery.nack(requeue=True) if requeue else delivery.reject(requeue=False)
+    await _tolerant(action, delivery, "settle")
+
+
+async def _tolerant(action: Awaitable[Any], delivery: Delivery, what: str) -> None:
+    # A lost connection (including aiormq's CancelledError for it) only means the
+    # broker redelivers the message; a cancellation of our own task still propagates.
     try:
-        if requeue:
-            await delivery.nack(requeue=True)
-        else:
-            await delivery.reject(requeue=False)
+        await action
     except (*SETTLE_ERRORS, asyncio.CancelledError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not foreign_cancel(exc):
             raise
-        log.info("could not settle %s: %r (the broker will redeliver it)", delivery.message_id, exc)
+        log.info("could not %s %s: %r (the broker will redeliver it)", what, delivery.message_id, exc)
