@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from inferq.actors.mailbox import Mailbox
+
 
 class Batcher:
     """Pulls from ``mailbox`` in batches of at most ``max_size``.
@@ -14,7 +16,7 @@ class Batcher:
     ``max_delay_s``.
     """
 
-    def __init__(self, mailbox: asyncio.Queue[Any], max_size: int, max_delay_s: float) -> None:
+    def __init__(self, mailbox: Mailbox[Any], max_size: int, max_delay_s: float) -> None:
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
         self.mailbox = mailbox
@@ -37,8 +39,7 @@ class Batcher:
             if len(batch) >= self.max_size or remaining <= 0:
                 break
             try:
-                async with asyncio.timeout(remaining):
-                    batch.append(await self.mailbox.get())
+                batch.append(await asyncio.wait_for(self.mailbox.get(), remaining))
             except TimeoutError:
                 break
         self._collecting = []

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from broker.connection import BrokerConnection
-from broker.ledger import LedgerTail
-from broker.messages import JobEvent
+from inferq.broker.connection import BrokerConnection
+from inferq.broker.tail import LedgerTail, retention_start
+from inferq.broker.messages import JobEvent
 
 
 class CancelSet:
@@ -20,10 +20,10 @@ class CancelSet:
         self._tail: LedgerTail | None = None
 
     @classmethod
-    async def follow(cls, connection: BrokerConnection, stream: str, ttl_s: float) -> CancelSet:
-        """Read the cancellation stream from its start and keep following it."""
+    async def open(cls, connection: BrokerConnection, stream: str, ttl_s: float) -> CancelSet:
+        """Read the cancellation stream's retention window and keep following it."""
         self = cls(ttl_s)
-        self._tail = await LedgerTail.start(connection, stream, self.add_events)
+        self._tail = await LedgerTail.open(connection, stream, self.add_events, retention_start(ttl_s))
         return self
 
     def add_events(self, events: list[JobEvent]) -> None:

@@ -12,29 +12,40 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from broker.connection import BrokerConnection
-from broker.control import agent_key, send, worker_key
-from broker.topology import Topology
-from runtime.coordination import get_json_prefix, keys
-from runtime.errors import InferqError
-from runtime.process import ChildProcess
-from runtime.session import PROVIDER_NAMES
-from runtime.settings import Settings
+from inferq.broker.connection import BrokerConnection
+from inferq.broker.control import agent_key, send, worker_key
+from inferq.broker.topology import Topology
+from inferq.runtime.catalog import read_model
+from inferq.runtime.coordination import get_records, keys
+from inferq.runtime.records import NodeRecord
+from inferq.errors import NoCapacity
+from inferq.runtime.process import ChildProcess
+from inferq.runtime.session import PROVIDER_NAMES
+from inferq.settings import Settings
 
 log = logging.getLogger("inferq.launcher")
 
 
-class NoCapacity(InferqError):
-    code = "no_capacity"
+@dataclass(frozen=True)
+class Exit:
+    """A worker this launcher started that has exited."""
+
+    model: str
+    version: str
+    returncode: int
+    last_line: str
 
 
 class Launcher(Protocol):
     """Starts workers; :meth:`aclose` stops what it started itself."""
 
     async def spawn(self, model: str, version: str, requires: list[str]) -> str: ...
+
+    def reap(self) -> list[Exit]: ...
 
     async def aclose(self) -> None: ...
 
@@ -50,29 +61,32 @@ class LocalLauncher:
     def __init__(self, settings: Settings, log_dir: Path) -> None:
         self._settings = settings
         self._log_dir = log_dir
-        self._children: list[ChildProcess] = []
+        self._children: list[tuple[str, str, Path, ChildProcess]] = []
 
     @property
     def running(self) -> int:
         """Workers started here that have not exited."""
-        return sum(1 for c in self._children if c.returncode is None)
+        return sum(1 for *_, c in self._children if c.returncode is None)
+
+    def reap(self) -> list[Exit]:
+        """Workers that exited since the last call, with their exit status and last log line."""
+        gone = [entry for entry in self._children if entry[3].returncode is not None]
+        self._children = [entry for entry in self._children if entry[3].returncode is None]
+        return [Exit(model, version, child.returncode, _last_line(log_path)) for model, version, log_path, child in gone]
 
     async def spawn(self, model: str, version: str, requires: list[str]) -> str:
         missing = set(requires) - set(node_providers())
         if missing:
             raise NoCapacity(f"this host's onnxruntime lacks {sorted(missing)} required by {model}")
-        self._children = [c for c in self._children if c.returncode is None]
-        self._log_dir.mkdir(parents=True, exist_ok=True)
-        name = f"worker {model}:{version}"
-        child = await ChildProcess.start(
-            name, ["worker", "--model", model, "--version", version], worker_env(self._settings),
-            self._log_dir / f"worker-{model}-{version}-{uuid.uuid4().hex[:6]}.log",
-        )
-        self._children.append(child)
+        suffix = worker_suffix()
+        log_path = worker_log_path(self._log_dir, model, version, suffix)
+        child = await ChildProcess.start(f"worker {model}:{version}", worker_args(model, version, suffix),
+                                         worker_env(self._settings), log_path)
+        self._children.append((model, version, log_path, child))
         return f"pid:{child.pid}"
 
     async def aclose(self) -> None:
-        for child in self._children:
+        for *_, child in self._children:
             await child.aclose()
         self._children.clear()
 
@@ -85,19 +99,33 @@ def node_providers() -> list[str]:
     return [short for short, name in PROVIDER_NAMES.items() if name in available]
 
 
+def worker_suffix() -> str:
+    """The random tail of a new worker's id, picked by its starter so that the log file can carry it too."""
+    return uuid.uuid4().hex[:6]
+
+
+def worker_args(model: str, version: str, suffix: str | None = None) -> list[str]:
+    """The ``inferq`` arguments that run a worker for ``model:version`` (its id ending in ``-<suffix>``)."""
+    args = ["worker", "--model", model, "--version", version]
+    return [*args, "--id-suffix", suffix] if suffix else args
+
+
+def worker_log_path(log_dir: Path, model: str, version: str, suffix: str) -> Path:
+    """The log file of the worker whose id ends in ``-<suffix>``: ``worker-<model>-<version>-<suffix>.log``.
+
+    The worker id, ``<node>-<model>-<version>-<pid>-<suffix>``, is known only once the
+    process runs; the suffix is what id and file name share (the directory is made if needed).
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return log_dir / f"worker-{model}-{version}-{suffix}.log"
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
-    """Environment that makes a spawned worker use the same namespace, repository and services."""
-    return {
-        "INFERQ_NAMESPACE": settings.namespace,
-        "INFERQ_NODE": settings.node,
-        "INFERQ_MODEL_REPOSITORY": str(Path(settings.model_repository).resolve()),
-        "INFERQ_STATE_DIR": str(Path(settings.state_dir).resolve()),
-        "INFERQ_BROKER_URL": settings.broker.url,
-        "INFERQ_ETCD_HOST": settings.etcd.host,
-        "INFERQ_ETCD_PORT": str(settings.etcd.port),
-        "INFERQ_ETCD_LEASE_TTL_S": str(settings.etcd.lease_ttl_s),
-        "INFERQ_JOBS_TTL_S": str(settings.jobs.ttl_s),
-    }
+    """Environment that makes a spawned worker load the same settings: namespace, repository, services, TLS."""
+    env = settings.resolved().to_env()
+    if settings.metrics.port:  # each child on a port of its own, advertised in its etcd record
+        env["INFERQ_METRICS_PORT"] = "-1"
+    return env
 
 
 class AgentLauncher:
@@ -107,27 +135,42 @@ class AgentLauncher:
         self._settings = settings
         self._connection = connection
         self._etcd = etcd
-        self._topology = Topology(settings.namespace)
+        self._topology = Topology(settings.namespace, settings.broker.replicas)
 
     async def spawn(self, model: str, version: str, requires: list[str]) -> str:
-        nodes = await get_json_prefix(self._etcd, keys(self._settings.namespace).nodes, self._settings.etcd.timeout_s)
-        node = place(nodes, requires)
+        timeout = self._settings.etcd.timeout_s
+        nodes = await get_records(self._etcd, keys(self._settings.namespace).nodes, NodeRecord.from_json, timeout)
+        record, _ = await read_model(self._etcd, self._settings.namespace, model, timeout)
+        found = record.versions.get(version) if record is not None else None
+        node = place(nodes, requires, found.sha256 if found is not None else "")
         command = {"command": "spawn", "model": model, "version": version, "request_id": uuid.uuid4().hex}
         await send(self._connection, self._topology.control, agent_key(node), command)
         log.info("asked agent %s to spawn %s:%s", node, model, version)
         return f"agent:{node}"
 
+    def reap(self) -> list[Exit]:
+        """Agents supervise their own workers (and report restarts in their node records)."""
+        return []
+
     async def aclose(self) -> None:
         """Workers on agents belong to the agents; nothing to stop here."""
 
 
-def place(nodes: dict[str, dict[str, Any]], requires: list[str]) -> str:
-    """The node with the most free capacity among those offering every required provider."""
-    fitting = [
-        (n.get("capacity", 1) - n.get("workers", 0), name)
-        for name, n in nodes.items()
-        if set(requires) <= set(n.get("providers", [])) and n.get("capacity", 1) > n.get("workers", 0)
-    ]
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][-300:] if lines else ""
+
+
+def place(nodes: dict[str, NodeRecord], requires: list[str], sha256: str = "") -> str:
+    """Among nodes with free capacity whose proven providers cover ``requires``: one that already caches the
+    artifact ``sha256`` (no download), then the one with the most free capacity."""
+    fitting = [(bool(sha256) and sha256 in n.cached, n.free, name) for name, n in nodes.items()
+               if set(requires) <= set(n.providers) and n.free > 0]
     if not fitting:
         raise NoCapacity(f"no edge node offers {requires or 'any provider'} with free capacity (nodes: {sorted(nodes)})")
-    return max(fitting)[1]
+    return max(fitting)[2]

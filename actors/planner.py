@@ -1,6 +1,8 @@
 """Turn a batch of job requests into model runs: validate each job, group compatible ones, split results.
 
-A job that does not fit the model fails alone; the others still run.
+A job that does not fit the model fails alone; the others still run. Only a
+batchable model (see :mod:`inferq.runtime.signature`) stacks jobs; a group of
+one job gets its outputs whole, whatever their shape.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from broker.messages import JobRequest
-from runtime.errors import InvalidInput
-from runtime.repository import ModelVersion
+from inferq.broker.messages import JobRequest
+from inferq.errors import InferenceError, InvalidInput
+from inferq.runtime.repository import ModelVersion
+from inferq.runtime.signature import validate
 
 
 @dataclass
@@ -36,50 +39,20 @@ class Group:
         return [Group([j], [r], [c]) for j, r, c in zip(self.jobs, self.requests, self.counts)]
 
     def split(self, outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Per-job slices of the batched outputs."""
+        """Per-job outputs: whole for a group of one, else slices along the batch dim.
+
+        Raises InferenceError when a batched output does not have the batch's
+        first dim (the model broke its own signature): the caller reruns the
+        jobs one by one, where outputs come back whole.
+        """
+        if len(self.requests) == 1:
+            return [outputs]
+        total = sum(self.counts)
+        for name, value in outputs.items():
+            if value.ndim == 0 or value.shape[0] != total:
+                raise InferenceError(f"output {name!r} of shape {list(value.shape)} does not follow the batch of {total}")
         bounds = np.cumsum([0, *self.counts])
         return [{n: v[a:b] for n, v in outputs.items()} for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def validate(request: JobRequest, version: ModelVersion, allow_nan: bool) -> tuple[Any, int]:
-    """Check a request against the model signature; return its group key and sample count."""
-    specs = {s.name: s for s in version.inputs}
-    if set(request.inputs) != set(specs):
-        raise InvalidInput(f"inputs must be exactly {sorted(specs)}, got {sorted(request.inputs)}")
-    if request.outputs is not None:
-        unknown = set(request.outputs) - {o.name for o in version.outputs}
-        if unknown:
-            raise InvalidInput(f"unknown output(s) {sorted(unknown)}; the model has {[o.name for o in version.outputs]}")
-    counts, key = set(), []
-    for name, spec in specs.items():
-        array = request.inputs[name]
-        _check_tensor(name, array, spec.dtype, spec.shape, allow_nan)
-        counts.add(array.shape[0] if array.ndim else 1)
-        key.append((name, array.shape[1:]))
-    if len(counts) != 1:
-        raise InvalidInput("all inputs of a job must have the same batch size (first dim)")
-    return (tuple(key), request.outputs), counts.pop()
-
-
-def _check_tensor(name: str, array: np.ndarray, dtype: str, shape: Sequence[int | None], allow_nan: bool) -> None:
-    if array.dtype.name != dtype:
-        raise InvalidInput(f"input {name!r} must be {dtype}, got {array.dtype.name}")
-    if array.ndim != len(shape):
-        raise InvalidInput(f"input {name!r} must have rank {len(shape)} {_fmt(shape)}, got shape {list(array.shape)}")
-    for axis, (want, got) in enumerate(zip(shape, array.shape)):
-        if want is not None and want != got:
-            raise InvalidInput(f"input {name!r} dim {axis} must be {want} {_fmt(shape)}, got shape {list(array.shape)}")
-    if not allow_nan and array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InvalidInput(f"input {name!r} contains NaN or infinity, which this model does not accept")
-
-
-def _fmt(shape: Sequence[int | None]) -> str:
-    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
-
-
-def is_batchable(version: ModelVersion) -> bool:
-    """Whether every input has a dynamic first (batch) dim."""
-    return all(s.shape and s.shape[0] is None for s in version.inputs)
 
 
 def plan(jobs: Sequence[tuple[Any, JobRequest]], version: ModelVersion, allow_nan: bool) -> tuple[list[Group], list[tuple[Any, JobRequest, InvalidInput]]]:
@@ -87,15 +60,14 @@ def plan(jobs: Sequence[tuple[Any, JobRequest]], version: ModelVersion, allow_na
     groups: dict[Any, Group] = {}
     solo: list[Group] = []
     rejected = []
-    batchable = is_batchable(version)
     for job, request in jobs:
         try:
-            key, count = validate(request, version, allow_nan)
+            key, count = validate(request.inputs, request.outputs, version, allow_nan)
         except InvalidInput as exc:
             rejected.append((job, request, exc))
             continue
-        group = groups.setdefault(key, Group()) if batchable else Group()
-        if not batchable:
+        group = Group() if key is None else groups.setdefault(key, Group())
+        if key is None:
             solo.append(group)
         group.jobs.append(job)
         group.requests.append(request)

@@ -1,4 +1,4 @@
-"""Scaling policy and the recommender that turns backlog into a worker count.
+"""The recommender that turns backlog into a worker count under a :class:`~inferq.settings.ScalingPolicy`.
 
 desired = clamp(ceil(backlog / target_backlog_per_worker), min_workers, max_workers),
 then smoothed like Kubernetes' HPA: a scale-up takes the lowest recommendation
@@ -10,60 +10,10 @@ waiting gets one at once (activation).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
 
-from runtime.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class ScalingPolicy:
-    """Per-model scaling settings (model config ``[scaling]``, overridable in etcd at run time)."""
-
-    min_workers: int = 0
-    max_workers: int = 4
-    target_backlog_per_worker: int = 64
-    scale_up_stabilization_s: float = 0.0
-    scale_down_stabilization_s: float = 30.0
-    idle_before_zero_s: float = 60.0
-
-    def merged(self, overrides: dict[str, Any] | None) -> ScalingPolicy:
-        """This policy with ``overrides`` applied; unknown or invalid fields raise ConfigError."""
-        if not overrides:
-            return self
-        fields = {f.name: f.type for f in dataclasses.fields(self)}
-        unknown = set(overrides) - set(fields)
-        if unknown:
-            raise ConfigError(f"unknown scaling field(s) {sorted(unknown)}")
-        try:
-            values = {k: (int(v) if fields[k] == "int" else float(v)) for k, v in overrides.items()}
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bad scaling policy {overrides}: {exc}") from exc
-        return dataclasses.replace(self, **values).checked()
-
-    def checked(self) -> ScalingPolicy:
-        if not 0 <= self.min_workers <= self.max_workers or self.target_backlog_per_worker < 1:
-            raise ConfigError(f"scaling policy needs 0 <= min_workers <= max_workers and target >= 1: {self}")
-        return self
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One recommendation with the inputs that produced it."""
-
-    model: str
-    version: str
-    backlog: int
-    current: int
-    desired: int
-    reason: str
-    consumers: int = 0  # consumers on the queue, as RabbitMQ counts them (a cross-check of membership)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from inferq.settings import ScalingPolicy
 
 
 class Recommender:
@@ -72,6 +22,7 @@ class Recommender:
     def __init__(self) -> None:
         self._history: deque[tuple[float, int]] = deque()
         self._last_busy: float | None = None
+        self.cooldown_s = 0.0  # after a decision held by stabilization: seconds until the window lets it go
 
     def decide(self, policy: ScalingPolicy, now: float, backlog: int, current: int) -> tuple[int, str]:
         """The worker count to aim for now, and why."""
@@ -83,13 +34,23 @@ class Recommender:
         self._remember(now, raw, max(policy.scale_up_stabilization_s, policy.scale_down_stabilization_s))
         if current == 0 and backlog > 0 and policy.max_workers > 0:
             return max(1, raw), "activation: jobs waiting and no worker"
+        self.cooldown_s = 0.0
         if raw > current:
             desired = max(current, min(r for t, r in self._history if t >= now - policy.scale_up_stabilization_s))
+            if desired <= current:
+                self.cooldown_s = self._held(now, policy.scale_up_stabilization_s, lambda r: r <= current)
             return desired, "scale up" if desired > current else "scale up held by stabilization"
         if raw < current:
             desired = min(current, max(r for t, r in self._history if t >= now - policy.scale_down_stabilization_s))
+            if desired >= current:
+                self.cooldown_s = self._held(now, policy.scale_down_stabilization_s, lambda r: r >= current)
             return desired, ("scale to zero after idle" if desired == 0 else "scale down") if desired < current else "scale down held by stabilization"
         return current, "steady"
+
+    def _held(self, now: float, window: float, holding) -> float:
+        """Seconds until the last recommendation that holds the count leaves the window (the cooldown left)."""
+        last = max((t for t, r in self._history if t >= now - window and holding(r)), default=None)
+        return 0.0 if last is None else max(0.0, last + window - now)
 
     def _remember(self, now: float, raw: int, window: float) -> None:
         self._history.append((now, raw))

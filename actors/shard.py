@@ -1,10 +1,16 @@
 """The shard worker: consumes one model version's queue, batches, runs ONNX Runtime, records results.
 
-Per batch: decode and validate each job (a bad job fails alone), mark the
-good ones ``running``, run each group of compatible jobs once, write every
-final event to the ledger in one confirmed message, send ``reply_to``
-results, and only then ack. A crash before the ack means redelivery
-(at-least-once); the ledger keeps the first final state per job id.
+Per batch (:mod:`inferq.actors.batchrun`): decode and validate each job (a bad
+job fails alone), mark the good ones ``running``, run each group of compatible
+jobs once, write every final event to the ledger in one confirmed message,
+send ``reply_to`` results, and only then ack. A crash before the ack means
+redelivery (at-least-once); the ledger keeps the first final state per job id.
+
+Jobs the worker gives back without having failed them (a drain, a lost ledger
+write, a retry's backoff) are republished and acked (:mod:`inferq.broker.handback`),
+so RabbitMQ's delivery count is not spent on them. Deliveries are consumed on a
+connection of their own: a memory alarm blocks publishing connections, and acks
+must still get through.
 """
 
 from __future__ import annotations
@@ -14,39 +20,53 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aio_pika
+import aiormq
+from prometheus_client import CollectorRegistry
 
-from actors.acks import AckTracker, settle
-from actors.batcher import Batcher
-from actors.cancels import CancelSet
-from actors.deadletter import DeadLetterReaper
-from actors.planner import Group, plan
-from broker.codec import encode_tensor
-from broker.connection import BrokerConnection, close_channel
-from broker.control import ControlListener, worker_key
-from broker.ledger import LedgerWriter
-from broker.replies import send_reply
-from broker.messages import CANCELLED, EXPIRED, FAILED, RUNNING, SUCCEEDED, JobEvent, JobRequest, check_job_id, error_dict, submitted_at
-from broker.topology import Topology
-from runtime.actor import Actor
-from runtime.coordination import keys, open_etcd
-from runtime.errors import BrokerError, CodecError, CoordinationError, InferenceError
-from runtime.membership import MembershipLease
-from runtime.repository import ModelEntry
-from runtime.session import ModelSession
-from runtime.settings import Settings
+from inferq.actors.attempts import StartBook
+from inferq.actors.batcher import Batcher
+from inferq.actors.batchrun import BatchRun, Context, Outcome
+from inferq.actors.cancels import CancelSet
+from inferq.actors.mailbox import Mailbox
+from inferq.broker.acks import AckTracker, settle
+from inferq.broker.connection import BrokerConnection, close_channel, tolerant
+from inferq.broker.control import ControlListener, worker_key
+from inferq.broker.deadletter import DeadLetterReaper
+from inferq.broker.handback import republish
+from inferq.broker.ledger import LedgerWriter
+from inferq.broker.identity import broker_user
+from inferq.broker.messages import FAILED, RETRIES_HEADER, STARTS_HEADER, SUCCEEDED, SUSPECT_HEADER, error_dict, header_int, is_suspect
+from inferq.broker.replies import send_reply
+from inferq.broker.topology import HIGH, PRIORITY_HEADER, Topology
+from inferq.broker.trace import trace_id
+from inferq.errors import BrokerError, BrokerRejected, CoordinationError, EventTooLarge, Unroutable
+from inferq.runtime.actor import Actor
+from inferq.runtime.device import engine_cache_dir
+from inferq.runtime.coordination import keys, open_etcd
+from inferq.runtime.membership import MembershipLease
+from inferq.runtime.metrics import JobMetrics, advertised, gauge, open_endpoint
+from inferq.runtime.records import WorkerRecord, WorkerState, WorkerStats
+from inferq.runtime.repository import ModelEntry
+from inferq.runtime.session import ModelSession
+from inferq.runtime.tenancy import Tenancy
+from inferq.runtime.warmup import warm_up
+from inferq.settings import Settings
 
 log = logging.getLogger("inferq.shard")
 
 Delivery = aio_pika.abc.AbstractIncomingMessage
+PAUSE_MAX_S = 10.0
+LEDGER_HOLD_S = 300.0
+EVENT_OVERHEAD_BYTES = 64 * 1024  # how long finished jobs are held while the broker refuses ledger writes
 
 
 @dataclass
-class WorkerStats:
-    """The worker's own counters (also published in its membership record)."""
+class Counters:
+    """The worker's own counters (published in its membership record as :class:`WorkerStats`)."""
 
     jobs: int = 0
     failed: int = 0
@@ -60,85 +80,117 @@ class WorkerStats:
         self.max_batch = max(self.max_batch, size)
         self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
 
-    def to_dict(self) -> dict[str, Any]:
+    def snapshot(self, waiting: int = 0) -> WorkerStats:
+        """The published form; ``waiting`` prefetched jobs count as in flight (the autoscaler's backlog)."""
         mean = sum(k * v for k, v in self.batch_sizes.items()) / self.batches if self.batches else 0.0
-        return {"jobs": self.jobs, "failed": self.failed, "batches": self.batches,
-                "max_batch": self.max_batch, "mean_batch": round(mean, 2), "inflight": self.inflight}
+        return WorkerStats(self.jobs, self.failed, self.batches, self.max_batch, round(mean, 2), self.inflight + waiting)
 
 
 class ShardWorker(Actor):
     """Serves one version of one model from its queue."""
 
-    def __init__(self, settings: Settings, entry: ModelEntry, version: str | None = None) -> None:
+    def __init__(self, settings: Settings, entry: ModelEntry, version: str | None = None, id_suffix: str | None = None) -> None:
         self.settings = settings
         self.entry = entry
         self.version = entry.version(version)
-        self.topology = Topology(settings.namespace)
-        self.worker_id = f"{settings.node}-{entry.name}-{self.version.version}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.topology = Topology(settings.namespace, settings.broker.replicas)
+        suffix = id_suffix or uuid.uuid4().hex[:6]  # a launcher passes its own: the worker's log file is named with it
+        self.worker_id = f"{settings.node}-{entry.name}-{self.version.version}-{os.getpid()}-{suffix}"
         super().__init__(f"shard:{self.worker_id}")
         cfg = entry.config.batching
-        self.batcher = Batcher(self.mailbox, cfg.max_batch_size, cfg.max_queue_delay_ms / 1000)
-        self.stats = WorkerStats()
+        self.mailbox: Mailbox[Delivery] = Mailbox()
+        self.batcher = Batcher(self.mailbox, max(1, cfg.max_batch_size), cfg.max_queue_delay_ms / 1000)
+        self.stats = Counters()
         self.acks = AckTracker()
+        self.queue_name = self.topology.model_queue(entry.name, self.version.version)
+        self.high_queue_name = self.topology.high_queue(entry.name, self.version.version)
         self._slots = asyncio.Semaphore(2)
         self._batches: set[asyncio.Task[None]] = set()
         self._computing = 0  # batches between decode and result write: "busy" for the batcher
+        self._pause_s = 0.0  # after a failed ledger write, the next batch waits this long
         self._connection: BrokerConnection | None = None
-        self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._queue: aio_pika.abc.AbstractQueue | None = None
-        self._consumer_tag: str | None = None
-        self._ledger: LedgerWriter | None = None
-        self._cancels: CancelSet | None = None
-        self._reaper: DeadLetterReaper | None = None
-        self._session: ModelSession | None = None
-        self._etcd: Any = None
+        self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self._context: Context | None = None
         self._lease: MembershipLease | None = None
-        self._control: ControlListener | None = None
+        self._batch_loop_task: asyncio.Task[None] | None = None
+        self._started_at = time.time()
+        self._user_id = broker_user(settings.broker.url)  # a next stage's job is published as this worker's user
+        self._warmup_error: str | None = None  # None until the warm-up ran; "" when it succeeded
+        self.registry = CollectorRegistry()  # this process's own: tests run several workers' code in one process
+        self.job_metrics = JobMetrics(self.registry, "this worker")
+        self.registry.register(WorkerCollector(self))
+        self._metrics_address = ""
 
     async def on_start(self) -> None:
         s = self.settings
-        self._session = await ModelSession.open(self.version, self.entry.config, s.state_dir / "trt-cache")
-        self._connection = await BrokerConnection.open(s.broker, self.name)
-        await self.topology.declare_shared(self._connection.publisher, s.jobs.ttl_s)
-        await self.topology.declare_model(
-            self._connection.publisher, self.entry.name, [self.version.version], self.entry.default_version, self.entry.config.queue
-        )
-        self._ledger = await LedgerWriter(self._connection, self.topology.ledger).__aenter__()
-        self._cancels = await CancelSet.follow(self._connection, self.topology.cancels, s.jobs.ttl_s)
-        self._reaper = await DeadLetterReaper.start(self._connection, self.topology.dead, self._ledger, self.topology.model_queue_prefix)
-        self._control = await ControlListener.start(
-            self._connection, self.topology.control, [worker_key(self.worker_id)], self._on_command
-        )
-        self.spawn(self._batch_loop(), "batches")
+        endpoint = await open_endpoint(self.registry, s.metrics)
+        if endpoint is not None:
+            self.on_stop(endpoint.aclose)
+            self._metrics_address = advertised(endpoint, s.metrics)
+        engines = await asyncio.to_thread(engine_cache_dir, s.state_dir, self.version.path, s.agent.sysroot)
+        session = await self.own(ModelSession.open(self.version, self.entry.config, engines))
+        self._connection = connection = await self.own(BrokerConnection.open(s.broker, self.name))
+        await self.topology.declare_shared(connection.publisher, s.jobs)
+        # Its own queues only: where the unpinned routing key points is the registry's business (the autoscaler's).
+        await self.topology.declare_model(connection.publisher, self.entry.name, [self.version.version], self.entry.config.queue)
+        ledger = await self.own(LedgerWriter.open(connection, self.topology.ledger))
+        cancels = await self.own(CancelSet.open(connection, self.topology.cancels, s.jobs.ttl_s))
+        etcd = open_etcd(s.etcd)
+        self.on_stop(etcd.close)
+        tenancy = await self.own(Tenancy.open(s, etcd))
+        await self.own(DeadLetterReaper.open(connection, self.topology.dead, ledger, self.topology.model_queue_prefix,
+                                             tenancy.identify))
+        await self.own(ControlListener.open(connection, self.topology.control, [worker_key(self.worker_id)], self._on_command))
+        # Warming: registered (and drainable), not consuming. Its version's traffic gate opens only on a warmed, ready worker.
+        self._lease = await self.own(MembershipLease.open(
+            etcd, keys(s.namespace).worker(self.worker_id), self._record(WorkerState.WARMING), s.etcd.lease_ttl_s, s.etcd.timeout_s
+        ))
+        self._warmup_error = await warm_up(session, self.version)
+        starts = StartBook(etcd, keys(s.namespace).starts, s.jobs.ttl_s, s.etcd.timeout_s)
+        self._context = Context(self.worker_id, self.entry, self.version, session, cancels, starts, ledger,
+                                result_limit(s), self.stats.record_batch, tenancy=tenancy,
+                                max_intermediate_bytes=min(s.jobs.max_intermediate_bytes, result_limit(s)))
+        self._batch_loop_task = self.spawn(self._batch_loop(), "batches")
         await self._consume()
-        # Registered only once consuming: "ready" in etcd means jobs are being taken.
-        self._etcd = open_etcd(s.etcd)
-        self._lease = await MembershipLease.acquire(
-            self._etcd, keys(s.namespace).worker(self.worker_id), self._record(), s.etcd.lease_ttl_s, s.etcd.timeout_s
-        )
+        # Ready only once consuming: "ready" in etcd means jobs are being taken.
+        try:
+            await self._lease.update(self._record(WorkerState.READY))
+        except CoordinationError as exc:  # kept for the next registration: the keeper retries
+            log.warning("could not mark ready yet: %r", exc)
         self.spawn(self._report_stats(), "stats")
 
-    def _record(self) -> dict[str, Any]:
-        return {
-            "worker_id": self.worker_id, "model": self.entry.name, "version": self.version.version,
-            "node": self.settings.node, "pid": os.getpid(), "providers": self._session.providers if self._session else [],
-            "state": "ready", "started_at": time.time(), "queue": self.topology.model_queue(self.entry.name, self.version.version),
-            "stats": self.stats.to_dict(),
-        }
+    def _record(self, state: WorkerState = WorkerState.READY) -> WorkerRecord:
+        session = self._context.session if self._context else None
+        return WorkerRecord(
+            worker_id=self.worker_id, model=self.entry.name, version=self.version.version, node=self.settings.node,
+            pid=os.getpid(), providers=tuple(session.providers if session else ()), state=state,
+            started_at=self._started_at, queue=self.queue_name, stats=self.stats.snapshot(self.mailbox.qsize()),
+            warmed=self._warmup_error == "", warmup_error=self._warmup_error or "", metrics=self._metrics_address,
+        )
 
     async def _consume(self) -> None:
-        prefetch = self.batcher.max_size * 2
-        self._channel = await self._connection.channel(prefetch=prefetch)
-        self._queue = await self._channel.declare_queue(self.topology.model_queue(self.entry.name, self.version.version), passive=True)
-        self._consumer_tag = await self._queue.consume(self._on_delivery, consumer_tag=self.worker_id)
+        """One consumer per priority lane, each on a channel of its own (acks go in each channel's order)."""
+        consuming = await self.own(BrokerConnection.open(self.settings.broker, f"{self.name}:consume"))
+        for name, high in ((self.high_queue_name, True), (self.queue_name, False)):
+            channel = await consuming.channel(prefetch=self.batcher.max_size * 2)
+            self.on_stop(lambda channel=channel: close_channel(channel, "consumer"))
+            queue = await channel.declare_queue(name, passive=True)
+            tag = await queue.consume(self._on_high if high else self._on_normal, consumer_tag=f"{self.worker_id}:{'high' if high else 'normal'}")
+            self._consumers.append((queue, tag))
 
-    async def _on_delivery(self, message: Delivery) -> None:
+    async def _on_high(self, message: Delivery) -> None:
+        self.acks.track(message)
+        self.mailbox.put_nowait(message, high=True)
+
+    async def _on_normal(self, message: Delivery) -> None:
         self.acks.track(message)
         self.mailbox.put_nowait(message)
 
     async def _batch_loop(self) -> None:
         while True:
             await self._slots.acquire()
+            if self._pause_s:
+                await asyncio.sleep(self._pause_s)
             # An idle worker runs what it has at once; a busy one lets the next batch fill up meanwhile.
             batch = await self.batcher.next_batch(wait=self._computing > 0)
             task = asyncio.create_task(self._run_batch(batch), name=f"{self.name}:batch")
@@ -153,135 +205,161 @@ class ShardWorker(Actor):
 
     async def _run_batch(self, deliveries: list[Delivery]) -> None:
         self.stats.inflight += len(deliveries)
+        finishing: asyncio.Future[None] | None = None
         try:
-            await self._process(deliveries)
-        except Exception:  # a bug of ours must not leave jobs unacked forever (and block later acks)
-            log.exception("batch failed unexpectedly; handing its jobs back")
-        finally:
-            self.stats.inflight -= len(deliveries)
-            # Deliveries not yet acked or handed back (error, lost connection) go back now:
-            # one left unfinished would hold up every later ack.
-            left = self.acks.pending(deliveries)
-            if left:
-                await asyncio.shield(self._hand_back(left))
-
-    async def _hand_back(self, deliveries: list[Delivery]) -> None:
-        for delivery in deliveries:
-            await settle(delivery, requeue=True)
-        await self.acks.finish(settled=deliveries)
-
-    async def _process(self, deliveries: list[Delivery]) -> None:
-        started = time.time()
-        # A batch that is only writing results no longer makes the next one wait to fill up.
-        self._computing += 1
-        try:
-            jobs, final, bad = self._decode(deliveries)
-            groups, rejected = plan(jobs, self.version, self.entry.config.allow_nan)
-            for delivery, request, exc in rejected:
-                final.append(self._event(request, FAILED, delivery, error=error_dict(exc.code, str(exc))))
-            runnable = [(d, r) for g in groups for d, r in zip(g.jobs, g.requests)]
-            running = asyncio.ensure_future(self._ledger.write([self._event(r, RUNNING, d) for d, r in runnable]))
-            retries: list[tuple[Delivery, JobRequest]] = []
-            for group in groups:
-                final.extend(await self._run_group(group, started, retries))
-        finally:
-            self._computing -= 1
-        await asyncio.shield(self._finish(deliveries, bad, final, running, retries))
-
-    def _decode(self, deliveries: list[Delivery]) -> tuple[list[tuple[Delivery, JobRequest]], list[JobEvent], list[Delivery]]:
-        """Decoded jobs, failure events of malformed ones, and the malformed deliveries.
-
-        Cancelled jobs are left out: they are acked without running.
-        """
-        jobs, final, bad = [], [], []
-        for delivery in deliveries:
+            self._computing += 1
             try:
-                request = JobRequest.from_message(delivery)
-            except CodecError as exc:
-                bad.append(delivery)
-                final.extend(self._malformed_event(delivery, exc))
-                continue
-            if request.job_id in self._cancels:
-                # The edge recorded the cancellation too; repeating it is harmless (first final state wins)
-                # and covers an edge that died between the cancel stream and the ledger.
-                final.append(self._event(request, CANCELLED, delivery))
-                continue
-            if _expired(delivery):
-                final.append(JobEvent(request.job_id, EXPIRED, self.entry.name, self.version.version, tenant=request.tenant,
-                                      error=error_dict("expired", "job was not started within its TTL"), worker=self.worker_id))
-                continue
-            jobs.append((delivery, request))
-        return jobs, final, bad
+                outcome = await BatchRun(self._context, deliveries).run()
+            finally:
+                self._computing -= 1
+            finishing = asyncio.ensure_future(self._finish(deliveries, outcome))
+            await asyncio.shield(finishing)
+        except Exception:  # a bug of ours must not leave jobs unacked forever (and block later acks)
+            log.exception("batch failed unexpectedly; handing its jobs back as suspects")
+        finally:
+            if finishing is not None and not finishing.done():
+                # Cancelled (stop after the grace period) while the shielded finish runs: let it settle
+                # the deliveries itself, or they would be settled twice and the channel closed.
+                await asyncio.shield(finishing)
+            self.stats.inflight -= len(deliveries)
+            left = self.acks.pending(deliveries)
+            if left:  # one left unsettled would hold up every later ack
+                await asyncio.shield(self._hand_back(left, {SUSPECT_HEADER: 1}))
+        if self._context.session.wedged:
+            log.error("the ONNX Runtime session is stuck in a run that would not stop; this worker exits to be replaced")
+            self.failure = self.failure or RuntimeError("wedged ONNX Runtime session")
+            self.request_stop()
 
-    def _malformed_event(self, delivery: Delivery, exc: CodecError) -> list[JobEvent]:
-        log.warning("rejecting malformed job %r: %s", delivery.message_id, exc)
-        try:
-            job_id = check_job_id(delivery.message_id)
-        except CodecError:
-            return []
-        return [JobEvent(job_id, FAILED, self.entry.name, self.version.version, error=error_dict(exc.code, str(exc)), worker=self.worker_id)]
-
-    async def _run_group(self, group: Group, started: float, retries: list[tuple[Delivery, JobRequest]]) -> list[JobEvent]:
-        self.stats.record_batch(len(group.requests))
-        t0 = time.perf_counter()
-        try:
-            outputs = await self._session.run(group.feed(), list(group.requests[0].outputs or []) or None)
-        except InferenceError as exc:
-            if len(group.requests) > 1:
-                # One job can break a batched run: run each alone so only that job fails.
-                return [e for single in group.singles() for e in await self._run_group(single, started, retries)]
-            return self._failed_run(group.jobs[0], group.requests[0], exc, retries)
-        timings = {"inference_ms": round((time.perf_counter() - t0) * 1000, 3), "batch_size": len(group.requests)}
-        events = []
-        for delivery, request, out in zip(group.jobs, group.requests, group.split(outputs)):
-            wire = {name: encode_tensor(value) for name, value in out.items()}
-            events.append(self._event(request, SUCCEEDED, delivery, outputs=wire, timings=dict(timings, **_queue_ms(delivery, started))))
-        return events
-
-    def _failed_run(self, delivery: Delivery, request: JobRequest, exc: InferenceError, retries: list[tuple[Delivery, JobRequest]]) -> list[JobEvent]:
-        retry = self.entry.config.retry
-        if retry.is_transient(str(exc)) and request.attempt < retry.max_attempts:
-            log.warning("job %s attempt %d hit a transient error, retrying: %s", request.job_id, request.attempt, exc)
-            retries.append((delivery, request))
-            return []
-        return [self._event(request, FAILED, delivery, error=error_dict(exc.code, str(exc)))]
-
-    def _event(self, request: JobRequest, status: str, delivery: Delivery, **extra: Any) -> JobEvent:
-        return JobEvent(
-            request.job_id, status, self.entry.name, self.version.version, tenant=request.tenant,
-            attempt=request.attempt, worker=self.worker_id, **extra,
-        )
-
-    async def _finish(self, deliveries: list[Delivery], bad: list[Delivery], final: list[JobEvent],
-                      running: asyncio.Future[None], retries: list[tuple[Delivery, JobRequest]]) -> None:
-        try:
-            await running
-            await self._ledger.write(final)
-        except BrokerError as exc:
-            log.warning("could not record %d results (%s); handing the jobs back", len(final), exc)
-            for delivery in deliveries:
-                await settle(delivery, requeue=True)
-            await self.acks.finish(settled=deliveries)
+    async def _finish(self, deliveries: list[Delivery], outcome: Outcome) -> None:
+        if not await self._forward(outcome) or not await self._write_results(deliveries, outcome):
+            self._pause_s = min(PAUSE_MAX_S, max(0.5, self._pause_s * 2))
+            log.warning("could not record %d results; handing the jobs back, next batch in %.1fs", len(outcome.final), self._pause_s)
+            await self._hand_back_ran(deliveries, outcome)
             return
-        self.stats.jobs += sum(1 for e in final if e.status == SUCCEEDED)
-        self.stats.failed += sum(1 for e in final if e.status == FAILED)
-        await self._reply(deliveries, final)
-        skip = {id(d) for d in bad} | {id(d) for d, _ in retries}
-        for delivery in bad:
+        self._pause_s = 0.0
+        self._count(outcome)
+        await self._reply(deliveries, outcome)
+        for delivery in outcome.rejected:
             await settle(delivery, requeue=False)
-        await self.acks.finish(acked=[d for d in deliveries if id(d) not in skip], settled=bad)
-        if retries:
-            attempt = max(r.attempt for _, r in retries)
-            await asyncio.sleep(self.entry.config.retry.backoff_s * 2 ** (attempt - 1))
-            for delivery, _ in retries:
-                await settle(delivery, requeue=True)
-            await self.acks.finish(settled=[d for d, _ in retries])
+        requeued = await self._retry(outcome)  # those whose copy could not be sent were nacked
+        skip = {id(d) for d in outcome.rejected} | requeued
+        await self.acks.finish(acked=[d for d in deliveries if id(d) not in skip], settled=outcome.rejected)
 
-    async def _reply(self, deliveries: list[Delivery], final: list[JobEvent]) -> None:
-        by_id = {e.job_id: e for e in final}
+    async def _write_results(self, deliveries: list[Delivery], outcome: Outcome) -> bool:
+        """Write the batch's final events, holding its deliveries while the broker refuses writes.
+
+        A memory alarm or a stream in trouble refuses publishes while the
+        connection lives: the jobs are done, so the worker keeps them (and takes
+        no more, its batch slots being full) and tries again with backoff,
+        rather than running them again later. It gives up when the deliveries'
+        channel is gone (the broker returns them anyway), on stop, or after
+        LEDGER_HOLD_S.
+        """
+        for error in await asyncio.gather(*outcome.running, return_exceptions=True):
+            if isinstance(error, BrokerError):  # "running" is informational: the final events matter
+                log.info("running events not recorded: %s", error)
+            elif isinstance(error, BaseException):
+                raise error
+        delay, deadline = 0.5, time.monotonic() + LEDGER_HOLD_S
+        while True:
+            try:
+                await self._context.ledger.write(outcome.final)
+                return True
+            except EventTooLarge as exc:  # outputs the size check let through (encoding overhead): fail just those
+                log.warning("%s", exc)
+                outcome.replace_too_large(set(exc.job_ids), str(exc))
+                continue
+            except BrokerError as exc:
+                held = not _channel_gone(deliveries) and self.state != "stopping" and time.monotonic() < deadline
+                log.warning("could not record %d results (%s)%s", len(outcome.final), exc,
+                            f"; holding them, next try in {delay:.1f}s" if held else "")
+                if not held:
+                    return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PAUSE_MAX_S)
+
+    async def _forward(self, outcome: Outcome) -> bool:
+        """Publish each pipeline job to its next stage, confirmed, before anything is acked.
+
+        A crash after a publish and before the ack runs the stage again and publishes the
+        job twice (same job id): the next stage may run it twice, the ledger keeps its
+        first final state. A stage with no queue, or a full one, ends the job failed here;
+        a broker that does not confirm hands the whole batch back (False).
+        """
+        for delivery, request, stage_event in list(outcome.forwards):
+            hop = request.route.hop
+            message = request.to_message(user_id=self._user_id)
+            try:
+                await self._connection.publish(message, self.topology.routing_key(hop.model, hop.version),
+                                               self.topology.requests, mandatory=True)
+            except (Unroutable, BrokerRejected) as exc:
+                error = error_dict("stage_unavailable", f"stage {hop.model}:{hop.version} cannot take the job: {exc}")
+                outcome.unforward(delivery, stage_event, replace(stage_event, status=FAILED, error=error, timings=None))
+            except BrokerError as exc:
+                log.warning("could not pass job %s on to stage %s (%s); handing the batch back", request.job_id, hop.model, exc)
+                return False
+        return True
+
+    def _count(self, outcome: Outcome) -> None:
+        # A pipeline stage's job passed on to the next stage is one this worker ran.
+        self.stats.jobs += sum(1 for e in outcome.final if e.status == SUCCEEDED) + len(outcome.forwards)
+        self.stats.failed += sum(1 for e in outcome.final if e.status == FAILED)
+        for e in outcome.final:
+            timings = e.timings or {}
+            # The worker's view of a job's duration: its wait in the queue and its batch's run.
+            total_s = (timings.get("queue_ms", 0.0) + timings.get("inference_ms", 0.0)) / 1000 if timings else None
+            self.job_metrics.record(e.model, e.version, e.status.value, e.error, timings, total_s)
+            if e.status != SUCCEEDED:
+                log.info("job %s %s (%s) trace_id=%s", e.job_id, e.status.value, (e.error or {}).get("code", ""),
+                         trace_id(e.trace))
+            else:
+                log.debug("job %s succeeded trace_id=%s", e.job_id, trace_id(e.trace))
+
+    async def _reply(self, deliveries: list[Delivery], outcome: Outcome) -> None:
         await asyncio.gather(*(
-            send_reply(self._connection, d, by_id[d.message_id]) for d in deliveries if d.reply_to and d.message_id in by_id
+            send_reply(self._connection, d, outcome.by_delivery[id(d)]) for d in deliveries
+            if d.reply_to and id(d) in outcome.by_delivery and id(d) not in outcome.quiet
         ))
+
+    async def _retry(self, outcome: Outcome) -> set[int]:
+        """Send transient failures to wait out their backoff in the retry queue; the ids of those nacked instead."""
+        nacked: set[int] = set()
+        queue = self.topology.retry_queue(self.entry.name, self.version.version)
+        for delivery, request, delay in outcome.retries:
+            headers = {STARTS_HEADER: request.attempt, RETRIES_HEADER: request.retries + 1}
+            try:
+                await republish(self._connection, delivery, queue, headers, delay_s=delay)
+            except BrokerError as exc:
+                log.warning("could not queue the retry of %s (%s); the broker redelivers it", request.job_id, exc)
+                await settle(delivery, requeue=True)
+                await self.acks.finish(settled=[delivery])
+                nacked.add(id(delivery))
+        return nacked
+
+    async def _hand_back_ran(self, deliveries: list[Delivery], outcome: Outcome) -> None:
+        ran = [d for d in deliveries if id(d) in outcome.ran]
+        await self._hand_back(ran, {}, started=True)
+        await self._hand_back([d for d in deliveries if id(d) not in outcome.ran], {})
+
+    async def _hand_back(self, deliveries: list[Delivery], headers: dict[str, Any], started: bool = False) -> None:
+        """Republish and ack (the job keeps a clean delivery count); nack if the copy cannot be sent."""
+        acked, nacked = [], []
+        for delivery in deliveries:
+            extra = dict(headers)
+            if is_suspect(delivery):  # a copy has a clean count: the mark keeps it running alone and counted
+                extra[SUSPECT_HEADER] = 1
+            if started:
+                extra[STARTS_HEADER] = header_int(delivery, STARTS_HEADER) + 1
+            try:
+                await republish(self._connection, delivery, self._queue_of(delivery), extra)
+                acked.append(delivery)
+            except BrokerError:
+                await settle(delivery, requeue=True)
+                nacked.append(delivery)
+        await self.acks.finish(acked=acked, settled=nacked)
+
+    def _queue_of(self, delivery: Delivery) -> str:
+        return self.high_queue_name if (delivery.headers or {}).get(PRIORITY_HEADER) == HIGH else self.queue_name
 
     async def _on_command(self, command: dict[str, Any]) -> None:
         if command["command"] == "drain":
@@ -291,15 +369,12 @@ class ShardWorker(Actor):
             log.warning("unknown command %r", command["command"])
 
     async def _report_stats(self) -> None:
-        last: dict[str, Any] = {}
         while True:
             await asyncio.sleep(1.0)
-            # Prefetched jobs waiting in the mailbox are in flight too: the autoscaler counts them as backlog.
-            current = dict(self.stats.to_dict(), inflight=self.stats.inflight + self.mailbox.qsize())
-            if current != last:
+            current = self._record(self._lease.record.state)
+            if current != self._lease.record:
                 try:
-                    await self._lease.update(stats=current)
-                    last = current
+                    await self._lease.update(current)
                 except CoordinationError as exc:  # etcd down: the keeper reports it; stats are best effort
                     log.debug("stats update failed: %r", exc)
 
@@ -307,22 +382,19 @@ class ShardWorker(Actor):
         """Stop pulling: mark draining, cancel the consumer, hand back unbatched jobs."""
         if self._lease is not None:
             try:
-                await self._lease.update(state="draining")
+                await self._lease.update(self._record(WorkerState.DRAINING))
             except CoordinationError as exc:  # etcd may be down while we stop; draining goes on
                 log.warning("could not mark draining: %r", exc)
-        if self._queue is not None and self._consumer_tag is not None:
-            try:
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 5)
-            except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as exc:
-                log.warning("cancelling the consumer: %r", exc)
-        loops = [t for t in self._tasks if t.get_name().endswith(":batches")]
-        for task in loops:
-            task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)  # it must not batch anything after this
+        for queue, tag in self._consumers:
+            async with tolerant("cancelling a consumer (the broker returns its jobs anyway)", logging.WARNING):
+                await asyncio.wait_for(queue.cancel(tag), 5)
+        if self._batch_loop_task is not None:
+            self._batch_loop_task.cancel()
+            await asyncio.gather(self._batch_loop_task, return_exceptions=True)  # it must not batch anything after this
         unstarted = self.batcher.take_all()
-        for delivery in unstarted:
-            await settle(delivery, requeue=True)
-        await self.acks.finish(settled=unstarted)
+        if unstarted:
+            log.info("handing back %d jobs not started", len(unstarted))
+            await self._hand_back(unstarted, {})
 
     async def wait_idle(self) -> None:
         while self._batches:
@@ -332,28 +404,37 @@ class ShardWorker(Actor):
         for batch in list(self._batches):
             batch.cancel()
         await asyncio.gather(*list(self._batches), return_exceptions=True)
-        for closer in (self._lease, self._control, self._reaper, self._cancels, self._ledger):
-            if closer is not None:
-                await closer.aclose()
-        await close_channel(self._channel, "consumer")
-        if self._connection is not None:
-            await self._connection.aclose()
-        if self._etcd is not None:
-            await self._etcd.close()
-        if self._session is not None:
-            await self._session.aclose()
 
 
-def _expired(delivery: Delivery) -> bool:
-    """Whether a job's TTL (AMQP expiration, counted from its submission) ran out before it could start."""
-    submitted, slack = submitted_at(delivery)
-    if delivery.expiration is None or submitted is None:
-        return False
-    return submitted + delivery.expiration + slack < time.time()
+class WorkerCollector:
+    """The worker's gauges, read from the counters it keeps anyway (no work per scrape)."""
+
+    def __init__(self, worker: ShardWorker) -> None:
+        self._worker = worker
+
+    def collect(self) -> Any:
+        w = self._worker
+        labels = {"model": w.entry.name, "version": w.version.version, "worker": w.worker_id}
+        state = w._lease.record.state.value if w._lease is not None else "starting"
+        yield gauge("inferq_worker_inflight", "jobs in this worker's running batches", [(labels, w.stats.inflight)])
+        yield gauge("inferq_worker_prefetched", "jobs delivered to this worker, not yet batched", [(labels, w.mailbox.qsize())])
+        yield gauge("nv_inference_pending_request_count", "jobs at this worker not yet finished (prefetched and running)",
+                    [({"model": w.entry.name, "version": w.version.version}, w.stats.inflight + w.mailbox.qsize())])
+        yield gauge("inferq_worker_batches", "batches this worker ran", [(labels, w.stats.batches)], kind="counter")
+        yield gauge("inferq_worker_state", "this worker's state (1 for the current one)",
+                    [({**labels, "state": s}, int(s == state)) for s in ("starting", "warming", "ready", "draining")])
 
 
-def _queue_ms(delivery: Delivery, started: float) -> dict[str, float]:
-    submitted, _ = submitted_at(delivery)
-    if submitted is None:
-        return {}
-    return {"queue_ms": round(max(0.0, started - submitted) * 1000, 3)}
+def _channel_gone(deliveries: list[Delivery]) -> bool:
+    """Whether the deliveries' channel closed: the broker has taken them back, nothing can settle them now."""
+    if not deliveries:
+        return True
+    try:
+        return bool(deliveries[0].channel.is_closed)
+    except aiormq.exceptions.ChannelInvalidStateError:  # aio-pika raises it for a closed channel
+        return True
+
+
+def result_limit(settings: Settings) -> int:
+    """The largest outputs a job may have: the setting, within one broker message (less room for the event around it)."""
+    return min(settings.jobs.max_result_bytes, settings.broker.max_message_bytes - EVENT_OVERHEAD_BYTES)

@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 
-from benchmarks.cli import add_parser
-from runtime.settings import Settings
+from inferq.benchmarks.cli import add_parser
+from inferq.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import Children, python_argv
+from inferq.benchmarks.procs import Children, python_argv
 
 
 def available() -> str | None:

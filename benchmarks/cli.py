@@ -1,10 +1,10 @@
-"""The ``bench`` subcommand. ``runtime/cli.py`` calls :func:`add_parser`; ``python -m benchmarks`` works too."""
+"""The ``bench`` subcommand. ``inferq/cli.py`` calls :func:`add_parser`; ``python -m benchmarks`` works too."""
 
 from __future__ import annotations
 
 import argparse
 
-from runtime.settings import Settings
+from inferq.settings import Settings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,6 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                        help="instead: the autoscaler's cold start (zero workers to first result) and scale-up reaction times")
     bench.add_argument("--scaling-rounds", type=int, default=3, help="rounds of the --scaling measurement (default 3)")
     bench.add_argument("--scaling-interval", type=float, default=0.5, help="autoscaler interval_s during --scaling (default 0.5)")
+    bench.add_argument("--pipeline", action="store_true",
+                       help="instead: the transformer demo split in 2 stages on 2 workers vs the whole model on 1 and 2")
+    bench.add_argument("--large", action="store_true",
+                       help="instead: edge memory and ledger disk over --jobs (default 300) jobs of a large-output model")
+    bench.add_argument("--large-width", type=int, default=1_000_000,
+                       help="--large: floats per result row (default 1000000: 4 MB a job, as in issue 19)")
+    bench.add_argument("--own-broker", action="store_true", help="--large: run on a RabbitMQ node of its own, on free ports")
     bench.set_defaults(func=run_bench)
 
 
@@ -44,7 +51,13 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     """Run the benchmark with the broker and etcd of ``settings`` in a namespace of its own."""
     if args.scaling:
         return _run_scaling(settings, args)
-    from benchmarks.harness import run
+    if args.pipeline:
+        return _run_pipeline(settings, args)
+    if args.large:
+        from inferq.benchmarks.large import run_large
+
+        return run_large(settings, args)
+    from inferq.benchmarks.harness import run
 
     return run(settings, args)
 
@@ -55,8 +68,8 @@ def _run_scaling(settings: Settings, args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from benchmarks.harness import RESULTS_DIR
-    from benchmarks.scaling import run_scaling
+    from inferq.benchmarks.harness import RESULTS_DIR
+    from inferq.benchmarks.scaling import run_scaling
 
     print(f"scaling: {args.scaling_rounds} rounds, autoscaler interval {args.scaling_interval} s, local launcher, demo mlp", flush=True)
     result = run_scaling(settings, Path(tempfile.mkdtemp(prefix="inferq-scaling-")), args.scaling_interval, args.scaling_rounds)
@@ -65,4 +78,23 @@ def _run_scaling(settings: Settings, args: argparse.Namespace) -> int:
     print(f"cold start (0 workers -> first result): median {result['cold_start_s_median']} s  {result['cold_start_s']}")
     print(f"backlog -> second worker consuming:      median {result['scale_up_s_median']} s  {result['scale_up_s']}")
     print(f"goal: both under 3 s. Written to {path}")
+    return 0
+
+
+def _run_pipeline(settings: Settings, args: argparse.Namespace) -> int:
+    import datetime
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from inferq.benchmarks.harness import RESULTS_DIR
+    from inferq.benchmarks.pipeline import run_pipeline
+
+    jobs = args.jobs or (100 if args.quick else 400)
+    print(f"pipeline: {jobs} jobs per row, {args.concurrency if args.concurrency != 64 else 8} in flight, HTTP ?wait=", flush=True)
+    result = run_pipeline(settings, Path(tempfile.mkdtemp(prefix="inferq-pipeline-")), jobs,
+                          args.concurrency if args.concurrency != 64 else 8)
+    path = Path(args.output) if args.output else RESULTS_DIR / f"pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"Written to {path}")
     return 0

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import raw
-from benchmarks.celery_peer import CeleryPeer, available, celery_broker_url
-from benchmarks.procs import ROOT, Children, CpuWatch, broker_pid, per_job_ms, python_argv, wait_quiet
-from benchmarks.profiling import Profiler
-from benchmarks.report import summarize, table
-from benchmarks.stack import BrokerWatch, Stack
-from runtime.settings import Settings
+from inferq.benchmarks import raw
+from inferq.benchmarks.celery_peer import CeleryPeer, available, celery_broker_url
+from inferq.benchmarks.procs import ROOT, Children, CpuWatch, broker_pid, per_job_ms, python_argv, wait_quiet
+from inferq.benchmarks.profiling import Profiler
+from inferq.benchmarks.report import summarize, table
+from inferq.benchmarks.stack import BrokerWatch, Stack
+from inferq.settings import Settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ALL_MODELS = ("mlp", "cnn", "transformer")
@@ -122,7 +122,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     stack: Stack | None = None
     peer: CeleryPeer | None = None
-    broker_watch = BrokerWatch(settings.broker.url).start()
+    broker_watch = BrokerWatch(settings.broker.addresses[0]).start()
     code = 0
     say(f"inferq bench {run_id}: models {','.join(opts.models)}, {opts.jobs} jobs at {opts.concurrency} in flight"
         f"{f' (open loop {opts.rate}/s)' if opts.rate else ''}, namespace {namespace}, logs in {workdir / 'logs'}")
@@ -135,7 +135,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         if beam is None:
             say("  (no beam.smp process found: broker CPU is not reported)")
         if celery_version:
-            peer = CeleryPeer(children, celery_broker_url(settings.broker.url), celery_queue, stack.logs)
+            peer = CeleryPeer(children, celery_broker_url(settings.broker.addresses[0]), celery_queue, stack.logs)
         for model in opts.models:
             result["models"][model] = {}
             _bench_model(model, opts, stack, peer, beam, workdir, broker_watch, result["models"][model])
@@ -176,7 +176,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 def _bench_model(model: str, opts: Options, stack: Stack, peer: CeleryPeer | None, beam: int | None, workdir: Path,
                  watch: BrokerWatch, out: dict[str, Any]) -> None:
     """Every phase of one model, recorded into ``out`` as it completes (so an interrupted run keeps them)."""
-    from runtime.repository import load_model
+    from inferq.runtime.repository import load_model
 
     path = stack.model_path(model)
     entry = load_model(stack.settings.model_repository, model)
@@ -200,7 +200,7 @@ def _bench_model(model: str, opts: Options, stack: Stack, peer: CeleryPeer | Non
             f"batch-1 latency p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms")
 
     base = {"model": model, "inputs_path": str(inputs_path), "url": stack.url, "namespace": stack.settings.namespace,
-            "broker_url": stack.settings.broker.url, "progress_s": 1.0}
+            "broker_url": stack.settings.broker.addresses[0], "progress_s": 1.0}
     if opts.paths:
         say(f"[{model}] inferq: starting worker")
         stack.start_worker(model)

@@ -34,7 +34,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from benchmarks.raw import percentiles
+from inferq.benchmarks.raw import percentiles
 
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
 
@@ -201,7 +201,7 @@ async def run_http(spec: dict[str, Any], out: dict[str, Any]) -> None:
 async def run_amqp(spec: dict[str, Any], out: dict[str, Any]) -> None:
     import aio_pika
 
-    from broker.messages import JobRequest
+    from inferq.broker.messages import JobRequest
 
     _, bodies = _bodies(spec)
     connection = await aio_pika.connect(spec["broker_url"])
@@ -266,7 +266,7 @@ def run_celery(spec: dict[str, Any], out: dict[str, Any]) -> None:
     """Celery's client is synchronous: one thread, results through the rpc:// consumer's callbacks."""
     import socket
 
-    from benchmarks.celery_app import app, infer
+    from inferq.benchmarks.celery_app import app, infer
 
     x = np.load(spec["inputs_path"])
     payloads = [(s[None].tobytes(), [1, *x.shape[1:]]) for s in x]

@@ -64,7 +64,7 @@ class Profiler:
 
 
 PROJECT_DIRS = ("edge/", "actors/", "broker/", "runtime/")
-ENTRY_FRAMES = ("runtime/cli.py", "runtime/actor.py")
+ENTRY_FRAMES = ("inferq/cli.py", "runtime/actor.py")
 
 
 def _frame_name(frame: str) -> str:
@@ -120,7 +120,7 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
     return {
         "samples": total,
         "own_top": pct(own),
-        "inclusive_top": pct(inclusive, skip=("runpy", "runtime/cli.py", "uvloop/__init__", "Runner.run", "threading.py")),
+        "inclusive_top": pct(inclusive, skip=("runpy", "inferq/cli.py", "uvloop/__init__", "Runner.run", "threading.py")),
         "by_project_frame": pct(project),
         "threads": pct(threads),
     }

@@ -21,9 +21,9 @@ import aio_pika
 import msgpack
 import numpy as np
 
-from benchmarks.procs import Children, python_argv
-from benchmarks.stack import Stack, run_async
-from runtime.settings import Settings
+from inferq.benchmarks.procs import Children, python_argv
+from inferq.benchmarks.stack import Stack, run_async
+from inferq.settings import Settings
 
 
 def say(line: str) -> None:
@@ -52,9 +52,9 @@ def run_scaling(base: Settings, workdir: Path, interval_s: float, repeats: int) 
 
 
 async def _round(stack: Stack, children: Children, interval_s: float, index: int) -> tuple[float, float]:
-    from broker.connection import BrokerConnection
-    from broker.topology import Topology
-    from runtime.coordination import keys, open_etcd
+    from inferq.broker.connection import BrokerConnection
+    from inferq.broker.topology import Topology
+    from inferq.runtime.coordination import keys, open_etcd
 
     s = stack.settings
     topology, queue = Topology(s.namespace), Topology(s.namespace).model_queue("mlp", "1")
@@ -63,7 +63,7 @@ async def _round(stack: Stack, children: Children, interval_s: float, index: int
     async with open_etcd(s.etcd) as etcd:
         await etcd.put(keys(s.namespace).policy("mlp").encode(), json.dumps(policy).encode())
     env = {**stack.env(), "INFERQ_AUTOSCALER_INTERVAL_S": str(interval_s)}
-    argv = python_argv("-m", "runtime.cli", "--log-level", "warning", "autoscaler", "--launcher", "local")
+    argv = python_argv("-m", "inferq.cli", "--log-level", "warning", "autoscaler", "--launcher", "local")
     scaler = children.start("autoscaler", argv, env, stack.logs / f"autoscaler-{index}.log")
     try:
         async with await BrokerConnection.open(s.broker, "bench-scaling") as connection:

@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import Children, python_argv
-from runtime.settings import Settings
+from inferq.benchmarks.procs import Children, python_argv
+from inferq.settings import Settings
 
 
 def free_port() -> int:
@@ -62,7 +62,7 @@ class Stack:
     def create(cls, base: Settings, namespace: str, workdir: Path, models: list[str], children: Children,
                intra_op_threads: int | None = None) -> Stack:
         """``intra_op_threads`` (optional) goes into each model's config.toml: the worker and the raw run both use it."""
-        from runtime.demo import write_demo_repository
+        from inferq.runtime.demo import write_demo_repository
 
         repo = write_demo_repository(workdir / "models", {m: m for m in models})
         if intra_op_threads is not None:
@@ -77,26 +77,17 @@ class Stack:
         return self.settings.model_repository / model / "1" / "model.onnx"
 
     def env(self) -> dict[str, str]:
-        s = self.settings
-        return {
-            "INFERQ_NAMESPACE": s.namespace,
-            "INFERQ_MODEL_REPOSITORY": str(s.model_repository.resolve()),
-            "INFERQ_STATE_DIR": str(s.state_dir.resolve()),
-            "INFERQ_BROKER_URL": s.broker.url,
-            "INFERQ_ETCD_HOST": s.etcd.host,
-            "INFERQ_ETCD_PORT": str(s.etcd.port),
-            "PYTHONUNBUFFERED": "1",
-        }
+        return {**self.settings.resolved().to_env(), "PYTHONUNBUFFERED": "1"}
 
     def sync(self) -> list[str]:
         """``inferq models sync``: declare queues, publish model metadata."""
-        from runtime.loader import sync_repository
+        from inferq.runtime.loader import sync_repository
 
         self._synced = True
         return run_async(sync_repository(self.settings))
 
     def start_edge(self, timeout: float = 60.0) -> None:
-        args = python_argv("-m", "runtime.cli", "--log-level", "warning", "edge", "--host", "127.0.0.1", "--port", str(self.port))
+        args = python_argv("-m", "inferq.cli", "--log-level", "warning", "edge", "--host", "127.0.0.1", "--port", str(self.port))
         self.edge = self.children.start("edge", args, self.env(), self.logs / "edge.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -128,7 +119,7 @@ class Stack:
 
     def start_worker(self, model: str, timeout: float = 60.0) -> str:
         """Start ``inferq worker --model M``; return its worker id once it is registered in etcd."""
-        args = python_argv("-m", "runtime.cli", "--log-level", "warning", "worker", "--model", model)
+        args = python_argv("-m", "inferq.cli", "--log-level", "warning", "worker", "--model", model)
         proc = self.workers[model] = self.children.start(f"worker {model}", args, self.env(), self.logs / f"worker-{model}.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -151,7 +142,7 @@ class Stack:
 
     def worker_records(self) -> dict[str, dict[str, Any]]:
         """Membership records ``/<ns>/workers/<id>`` (with the worker's batch stats)."""
-        from runtime.coordination import get_json_prefix, keys, open_etcd
+        from inferq.runtime.coordination import get_json_prefix, keys, open_etcd
 
         async def read() -> dict[str, dict[str, Any]]:
             client = open_etcd(self.settings.etcd)
@@ -185,7 +176,7 @@ class Stack:
         """Delete this run's queues, exchanges and etcd keys (as tests/conftest.py does)."""
         if not self._synced:
             return
-        from runtime.loader import remove_namespace
+        from inferq.runtime.loader import remove_namespace
 
         run_async(remove_namespace(self.settings))
 

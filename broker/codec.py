@@ -15,8 +15,11 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from runtime.errors import CodecError, MessageTooLarge
+from inferq.errors import CodecError, MessageTooLarge
 
+# numpy refuses shapes whose non-zero dims multiply past its index range, even
+# for empty arrays; a real tensor is smaller than the message that carries it.
+MAX_SHAPE_SPAN = 2**40
 DTYPES = frozenset(
     "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64".split()
 )
@@ -93,12 +96,17 @@ def decode_tensor(obj: Any, what: str = "tensor") -> np.ndarray:
         raise CodecError(f"{what}: shape must be a list of at most {MAX_RANK} dims")
     if not all(type(d) is int and d >= 0 for d in shape):
         raise CodecError(f"{what}: shape dims must be non-negative integers")
+    if math.prod(d for d in shape if d) > MAX_SHAPE_SPAN:
+        raise CodecError(f"{what}: shape {shape} is too large")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"{what}: data must be raw bytes")
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise CodecError(f"{what}: {len(data)} data bytes for shape {shape} of {dtype.name} (expected {expected})")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # numpy's own limits, whatever they are on this platform
+        raise CodecError(f"{what}: shape {shape} cannot be built: {exc}") from exc
 
 
 def decode_tensor_map(obj: Any, limits: Limits = DEFAULT_LIMITS, what: str = "inputs") -> dict[str, np.ndarray]:

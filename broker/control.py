@@ -12,10 +12,11 @@ from typing import Any
 
 import aio_pika
 
-from broker.codec import packb, unpackb
-from broker.connection import BrokerConnection, close_channel
-from broker.messages import CONTENT_TYPE
-from runtime.errors import CodecError
+from inferq.broker.acks import ack, settle
+from inferq.broker.codec import packb, unpackb
+from inferq.broker.connection import BrokerConnection, close_channel
+from inferq.broker.messages import CONTENT_TYPE
+from inferq.errors import CodecError
 
 log = logging.getLogger("inferq.control")
 
@@ -44,7 +45,7 @@ class ControlListener:
         self._channel: aio_pika.abc.AbstractChannel | None = None
 
     @classmethod
-    async def start(cls, connection: BrokerConnection, exchange: str, routing_keys: list[str], handler: Handler) -> ControlListener:
+    async def open(cls, connection: BrokerConnection, exchange: str, routing_keys: list[str], handler: Handler) -> ControlListener:
         self = cls(handler)
         self._channel = await connection.channel(prefetch=10)
         ex = await self._channel.get_exchange(exchange, ensure=False)
@@ -63,9 +64,9 @@ class ControlListener:
                 raise CodecError("a control command must be a map with a 'command' string")
         except CodecError as exc:
             log.warning("ignoring a malformed control message: %s", exc)
-            await message.reject(requeue=False)
+            await settle(message, requeue=False)
             return
-        await message.ack()
+        await ack(message)
         await self._handler(command)
 
     async def aclose(self) -> None:

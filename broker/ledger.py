@@ -1,59 +1,98 @@
 """The job ledger: every job event goes to a RabbitMQ stream, read by every edge.
 
 :class:`LedgerWriter` coalesces the events of concurrent writers into one
-confirmed stream message, so per-job broker overhead stays low under load while
-a lone write still goes out at once. :class:`LedgerTail` reads the stream
-from its start (the retention window) and hands event lists to a callback.
+confirmed stream message (bounded in events and bytes), so per-job broker
+overhead stays low under load while a lone write still goes out at once.
+Readers follow the stream with :class:`inferq.broker.tail.LedgerTail`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import uuid
-from collections.abc import Awaitable, Callable
+import collections
+from dataclasses import dataclass
 
 import aio_pika
 
-from broker.connection import BrokerConnection, close_channel
-from broker.messages import JobEvent, pack_events, unpack_events
-from runtime.errors import BrokerError, BrokerUnavailable, CodecError
-
-log = logging.getLogger("inferq.ledger")
+from inferq.broker.cancellation import cancel_requested
+from inferq.broker.connection import BrokerConnection
+from inferq.broker.messages import JobEvent, join_packed_events, pack_event
+from inferq.errors import BrokerError, BrokerUnavailable, EventTooLarge
 
 MAX_EVENTS_PER_MESSAGE = 512
 MAX_IN_FLIGHT = 4
-MARKER_HEADER = "x-inferq-marker"
+ARRAY_HEADER_BYTES = 5  # msgpack's list header, at most
 
 
 class LedgerWriter:
-    """Confirmed, coalescing writes to one stream. Use as ``async with``."""
+    """Confirmed, coalescing writes to one stream. Build with :meth:`open`; :meth:`aclose` stops it.
 
-    def __init__(self, connection: BrokerConnection, stream: str) -> None:
+    A stream message carries at most ``MAX_EVENTS_PER_MESSAGE`` events and
+    ``broker.ledger_batch_bytes`` bytes; a larger write is split over several
+    messages. An event bigger than ``broker.max_message_bytes`` can never be
+    stored: :meth:`write` refuses it with EventTooLarge, so the caller can
+    fail that job (``output_too_large``) instead of retrying for ever.
+    """
+
+    def __init__(self, connection: BrokerConnection, stream: str, batch_bytes: int | None = None,
+                 max_bytes: int | None = None) -> None:
         self._connection = connection
         self._stream = stream
-        self._pending: list[tuple[list[JobEvent], asyncio.Future[None]]] = []
+        self.batch_bytes = batch_bytes or connection.settings.ledger_batch_bytes
+        self.max_bytes = max_bytes or connection.settings.max_message_bytes
+        self._pending: collections.deque[_Chunk] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.messages_written = 0
 
-    async def __aenter__(self) -> LedgerWriter:
-        self._task = asyncio.create_task(self._flush_forever(), name=f"ledger-writer:{self._stream}")
+    @classmethod
+    async def open(cls, connection: BrokerConnection, stream: str, batch_bytes: int | None = None,
+                   max_bytes: int | None = None) -> LedgerWriter:
+        """Start the flusher; writes go out from now on."""
+        self = cls(connection, stream, batch_bytes, max_bytes)
+        self._task = asyncio.create_task(self._flush_forever(), name=f"ledger-writer:{stream}")
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
     async def write(self, events: list[JobEvent]) -> None:
-        """Return once the broker has confirmed ``events``; raise BrokerError if not."""
+        """Return once the broker has confirmed ``events``; raise BrokerError if not.
+
+        Raises EventTooLarge, and writes none of ``events``, if any one of them
+        is over the broker's message limit; its ``job_ids`` names those jobs.
+        """
         if not events:
             return
         if self._task is None or self._task.done():
             raise BrokerUnavailable("ledger writer is closed")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((events, future))
+        packed = [pack_event(e) for e in events]
+        too_big = tuple(e.job_id for e, p in zip(events, packed) if len(p) + ARRAY_HEADER_BYTES > self.max_bytes)
+        if too_big:
+            raise EventTooLarge(
+                f"{len(too_big)} job event(s) over the broker's {self.max_bytes} byte message limit "
+                f"(broker.max_message_bytes), e.g. job {too_big[0]}", too_big)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for chunk in self._chunks(packed):
+            future: asyncio.Future[None] = loop.create_future()
+            self._pending.append(_Chunk(chunk, sum(map(len, chunk)), future))
+            futures.append(future)
         self._wake.set()
-        await future
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _chunks(self, packed: list[bytes]) -> list[list[bytes]]:
+        # One caller's events split into pieces that each fit a message (an event over
+        # the budget but under the broker's limit goes alone).
+        chunks: list[list[bytes]] = [[]]
+        size = 0
+        for item in packed:
+            if chunks[-1] and (size + len(item) > self.batch_bytes or len(chunks[-1]) >= MAX_EVENTS_PER_MESSAGE):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(item)
+            size += len(item)
+        return chunks
 
     async def _flush_forever(self) -> None:
         # Up to MAX_IN_FLIGHT messages await their confirm at once; writes that arrive
@@ -74,17 +113,20 @@ class LedgerWriter:
                 task.cancel()
             await asyncio.gather(*in_flight, return_exceptions=True)
 
-    def _take(self) -> list[tuple[list[JobEvent], asyncio.Future[None]]]:
-        taken, count = [], 0
-        while self._pending and (not taken or count + len(self._pending[0][0]) <= MAX_EVENTS_PER_MESSAGE):
-            item = self._pending.pop(0)
-            taken.append(item)
-            count += len(item[0])
+    def _take(self) -> list[_Chunk]:
+        taken: list[_Chunk] = []
+        count = size = 0
+        while self._pending:
+            head = self._pending[0]
+            if taken and (count + len(head.packed) > MAX_EVENTS_PER_MESSAGE or size + head.size > self.batch_bytes):
+                break
+            taken.append(self._pending.popleft())
+            count, size = count + len(head.packed), size + head.size
         return taken
 
-    async def _flush(self, batch: list[tuple[list[JobEvent], asyncio.Future[None]]]) -> None:
-        events = [e for evs, _ in batch for e in evs]
-        message = aio_pika.Message(pack_events(events), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+    async def _flush(self, batch: list[_Chunk]) -> None:
+        body = join_packed_events([p for chunk in batch for p in chunk.packed])
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
             await self._connection.publish(message, self._stream, mandatory=True)
         except asyncio.CancelledError:
@@ -104,115 +146,25 @@ class LedgerWriter:
             try:
                 await task
             except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():
+                if cancel_requested(asyncio.current_task()):
                     raise
-        for _, future in self._pending:
-            if not future.done():
-                future.set_exception(BrokerUnavailable("ledger writer closed"))
+        _settle(list(self._pending), BrokerUnavailable("ledger writer closed"))
         self._pending.clear()
 
 
-def _settle(batch: list[tuple[list[JobEvent], asyncio.Future[None]]], error: BaseException | None) -> None:
-    for _, future in batch:
-        if not future.done():
+@dataclass(frozen=True)
+class _Chunk:
+    """Packed events of one write that go into one message, and the future their writer awaits."""
+
+    packed: list[bytes]
+    size: int
+    future: asyncio.Future[None]
+
+
+def _settle(batch: list[_Chunk], error: BaseException | None) -> None:
+    for chunk in batch:
+        if not chunk.future.done():
             if error is None:
-                future.set_result(None)
+                chunk.future.set_result(None)
             else:
-                future.set_exception(error)
-
-
-EventHandler = Callable[[list[JobEvent]], Awaitable[None] | None]
-
-
-class LedgerTail:
-    """Consumes a stream from ``offset`` ("first", "last", "next" or a timestamp)."""
-
-    def __init__(self, connection: BrokerConnection, stream: str, handler: EventHandler, offset: object = "first") -> None:
-        self._connection = connection
-        self._stream = stream
-        self._handler = handler
-        self._offset = offset
-        self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._markers: dict[str, asyncio.Future[None]] = {}
-        self._round: asyncio.Future[None] | None = None
-        self._rounds: set[asyncio.Task[None]] = set()
-        self.messages_read = 0
-
-    @classmethod
-    async def start(cls, connection: BrokerConnection, stream: str, handler: EventHandler, offset: object = "first") -> LedgerTail:
-        """Begin consuming; events arrive at ``handler`` from now on."""
-        self = cls(connection, stream, handler, offset)
-        self._channel = await connection.channel(prefetch=2000)
-        try:
-            # Declared (passively) and held on self: aio-pika restores only such queues after a reconnect.
-            self._queue = await self._channel.declare_queue(stream, passive=True)
-            await self._queue.consume(self._on_message, arguments={"x-stream-offset": offset})
-        except (aio_pika.exceptions.AMQPError, OSError) as exc:
-            await self.aclose()
-            raise BrokerUnavailable(f"cannot read stream {stream}: {exc!r}") from exc
-        return self
-
-    def sync(self) -> asyncio.Future[None]:
-        """Resolve once everything confirmed in the stream before this call has been handled.
-
-        A marker message goes into the stream and we wait to read it back:
-        streams keep one order, so whatever was confirmed earlier, by any
-        process, comes before it. Callers within one loop tick share a marker.
-        """
-        if self._round is None:
-            self._round = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(self._send_marker(), name=f"ledger-sync:{self._stream}")
-            self._rounds.add(task)
-            task.add_done_callback(self._rounds.discard)
-        return asyncio.shield(self._round)
-
-    async def _send_marker(self) -> None:
-        future, self._round = self._round, None
-        marker = uuid.uuid4().hex
-        self._markers[marker] = future
-        message = aio_pika.Message(b"", headers={MARKER_HEADER: marker})
-        try:
-            await self._connection.publish(message, self._stream)
-        except BrokerError as exc:
-            self._markers.pop(marker, None)
-            future.set_exception(exc)
-            future.exception()  # retrieved here: callers may have given up waiting
-
-    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        marker = (message.headers or {}).get(MARKER_HEADER)
-        if marker is not None:
-            future = self._markers.pop(str(marker), None)
-            if future is not None and not future.done():
-                future.set_result(None)
-            await message.ack()
-            return
-        try:
-            events = unpack_events(message.body)
-        except CodecError as exc:
-            log.warning("skipping a malformed message in %s: %s", self._stream, exc)
-            events = []
-        self.messages_read += 1
-        if events:
-            result = self._handler(events)
-            if result is not None:
-                await result
-        await message.ack()
-
-    async def __aenter__(self) -> LedgerTail:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop consuming; idempotent."""
-        for task in list(self._rounds):
-            task.cancel()
-        await asyncio.gather(*self._rounds, return_exceptions=True)
-        for future in self._markers.values():
-            if not future.done():
-                future.set_exception(BrokerUnavailable("ledger reader closed"))
-                future.exception()
-        self._markers.clear()
-        channel, self._channel = self._channel, None
-        await close_channel(channel, "stream")
+                chunk.future.set_exception(error)

@@ -10,10 +10,10 @@ import logging
 
 import aio_pika
 
-from broker.codec import packb
-from broker.connection import BrokerConnection
-from broker.messages import CONTENT_TYPE, JobEvent
-from runtime.errors import BrokerError
+from inferq.broker.codec import packb
+from inferq.broker.connection import BrokerConnection
+from inferq.broker.messages import CONTENT_TYPE, JobEvent
+from inferq.errors import BrokerError
 
 log = logging.getLogger("inferq.replies")
 

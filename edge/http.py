@@ -1,82 +1,140 @@
-"""HTTP routes: the submit-and-poll API (/v1) and the KServe v2 / Triton protocol (/v2)."""
+"""HTTP routes of the submit-and-poll API (/v1) and /metrics; /v2 lives in ``v2_routes``."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from broker.codec import decode_tensor_map, packb
-from broker.messages import SUCCEEDED, parse_body
-from edge import v2
-from edge.auth import Authenticator
-from edge.errors import error_response, json_errors
-from edge.inventory import Inventory
-from edge.jobs import JobService, Submission
-from edge.projection import JobState
-from runtime.errors import CodecError, UnsupportedMedia
-from runtime.settings import EdgeSettings
+from inferq.broker.codec import decode_tensor_map
+from inferq.broker.messages import parse_submission
+from inferq.broker.topology import HIGH, NORMAL
+from inferq.broker.trace import TRACEPARENT_HEADER, new_traceparent, parse_traceparent, trace_id
+from inferq.edge import download, eventstream, listing, v2, webhook_url
+from inferq.edge.agent_api import AgentAPI
+from inferq.edge.auth import Authenticator, priority_for
+from inferq.edge.errors import json_errors
+from inferq.edge.inventory import Inventory
+from inferq.edge.jobs import JobService, Submission
+from inferq.edge.metrics import EdgeMetrics
+from inferq.edge.overview import Overview
+from inferq.edge.projection import JobState
+from inferq.edge.registry_api import RegistryAPI
+from inferq.edge.responses import json_response
+from inferq.edge.webhooks import webhook_spec, webhook_view
+from inferq.errors import CodecError, InvalidInput, NotFound, UnknownModel, UnsupportedMedia
+from inferq.runtime.metrics import exposition
+from inferq.runtime.records import Decision
+from inferq.settings import EdgeSettings, WebhookSettings
 
+ROUTE_KEY_HEADER = "X-Inferq-Route-Key"  # the sticky key of a traffic split
 JSON_TYPES = {"application/json"}
 MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack"}
-BINARY_HEADER = "Inference-Header-Content-Length"
-SERVER_VERSION = "0.1.0"
-
-# Final job errors as a synchronous /v2 infer answers them.
-SYNC_STATUS = {"invalid_input": 422, "bad_message": 400, "expired": 504, "cancelled": 409}
+BINARY_HEADER = v2.HEADER_LENGTH
+SUBMIT_FIELDS = ("priority", "webhook", "webhook_events_filter")  # top-level fields beside inputs, in JSON and msgpack bodies alike
 
 
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def job_document(state: JobState, binary: bool) -> dict[str, Any]:
-    """A job as the poll API shows it; ``binary`` keeps raw tensor bytes (msgpack)."""
+def job_document(state: JobState, binary: bool, outputs: dict[str, Any] | None = None,
+                 summary: bool = False) -> dict[str, Any]:
+    """A job as the poll API shows it; ``binary`` keeps raw tensor bytes (msgpack); a ``summary`` has no outputs.
+
+    ``outputs`` stands in for ``state.outputs`` when the projection does not hold them (a large result).
+    """
+    outputs = None if summary else state.outputs if outputs is None else outputs
     doc: dict[str, Any] = {
         "job_id": state.job_id, "model": state.model, "version": state.version, "status": state.status,
         "created_at": _iso(state.created_at), "started_at": _iso(state.started_at),
         "finished_at": _iso(state.finished_at), "attempts": state.attempts,
     }
-    if state.outputs:
-        doc["outputs"] = state.outputs if binary else v2.tensors_to_json(decode_tensor_map(state.outputs, what="outputs"))
+    if state.webhook is not None:
+        doc["webhook"] = webhook_view(state)
+    if outputs:
+        doc["outputs"] = outputs if binary else v2.tensors_to_json(decode_tensor_map(outputs, what="outputs"))
     if state.error:
         doc["error"] = state.error
     if state.timings:
         doc["timings"] = state.timings
+    if state.alias:
+        doc["alias"] = state.alias
+    if state.shadow_of:
+        doc["shadow_of"] = state.shadow_of
+    if state.chunks:
+        doc["progress"] = state.progress or {"done": 0, "total": state.chunks}
+    if state.stage:
+        doc["stage"] = state.stage
+        doc["stages"] = [{"stage": name, **{k: v for k, v in st.items() if k != "at"}}
+                         for name, st in sorted(state.stages.items(), key=lambda kv: kv[1]["at"])]
+    if state.worker:
+        doc["worker"] = state.worker
+    if state.trace:
+        doc["traceparent"] = state.trace
+        doc["trace_id"] = trace_id(state.trace)
     return doc
+
+
+def webhook_body(state: JobState, max_bytes: int) -> str:
+    """A webhook's JSON body: the job document; above ``max_bytes`` without outputs, and ``outputs_omitted``."""
+    doc = job_document(state, binary=False)
+    body = json.dumps(doc, separators=(",", ":"))
+    if (len(body) > max_bytes and "outputs" in doc) or state.held_out:  # a large result: the receiver GETs it
+        doc = {**job_document(state, binary=False, summary=True), "outputs_omitted": True}
+        body = json.dumps(doc, separators=(",", ":"))
+    return body
 
 
 class EdgeAPI:
     """The request handlers; all state lives in the JobService and the Inventory."""
 
-    def __init__(self, service: JobService, inventory: Inventory, settings: EdgeSettings, ready: Any, auth: Authenticator) -> None:
+    def __init__(self, service: JobService, inventory: Inventory, settings: EdgeSettings, auth: Authenticator,
+                 registry: RegistryAPI | None = None, agents: AgentAPI | None = None, edge_metrics: EdgeMetrics | None = None,
+                 overview: Overview | None = None, webhooks: WebhookSettings | None = None,
+                 webhook_secrets: Callable[[str | None], Awaitable[list[str]]] | None = None) -> None:
         self.service = service
+        self.webhooks = webhooks or WebhookSettings()
+        self._webhook_secrets = webhook_secrets or _deployment_secret(self.webhooks)
+        self._allow = webhook_url.AllowList.parse(self.webhooks.allow_hosts)
         self.auth = auth
         self.inventory = inventory
         self.settings = settings
-        self._ready = ready
+        self.registry = registry
+        self.agents = agents
+        self.edge_metrics = edge_metrics or EdgeMetrics()
+        self.overview = overview
 
     def app(self) -> web.Application:
-        """The aiohttp application with every route."""
+        """The aiohttp application with the /v1 and /metrics routes (``V2Routes.register`` adds /v2)."""
         app = web.Application(middlewares=[json_errors, self.auth.middleware()], client_max_size=self.settings.max_body_bytes)
         r = app.router
         r.add_post("/v1/models/{model}/jobs", self.submit_job)
         r.add_post("/v1/models/{model}/versions/{version}/jobs", self.submit_job)
+        r.add_post("/v1/models/{model}/aliases/{alias}/jobs", self.submit_job)
+        # Before /v1/jobs/{job_id}: "stats" would be captured as a job id.
+        r.add_get("/v1/jobs", self.list_jobs)
+        r.add_get("/v1/jobs/stats", self.job_stats)
+        r.add_get("/v1/jobs/{job_id}/events", self.job_events)
         r.add_get("/v1/jobs/{job_id}", self.get_job)
         r.add_delete("/v1/jobs/{job_id}", self.cancel_job)
         r.add_get("/v1/models", self.list_models)
         r.add_get("/v1/models/{model}", self.describe_model)
+        r.add_get("/v1/models/{model}/scaling", self.model_scaling)
         r.add_get("/metrics", self.metrics)
-        r.add_get("/v2", self.server_metadata)
-        r.add_get("/v2/health/live", self.live)
-        r.add_get("/v2/health/ready", self.ready)
-        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            r.add_get(prefix, self.model_metadata)
-            r.add_get(prefix + "/ready", self.model_ready)
-            r.add_post(prefix + "/infer", self.infer)
+        if self.overview is not None:
+            r.add_get("/v1/metrics/targets", self.metrics_targets)
+        if self.registry is not None:
+            self.registry.register(app)
+        if self.agents is not None:
+            self.agents.register(app)
         return app
 
     def _tenant(self, request: web.Request) -> str | None:
@@ -89,20 +147,38 @@ class EdgeAPI:
         return await request.read()
 
     async def _submission(self, request: web.Request) -> Submission:
-        model, version = request.match_info["model"], request.match_info.get("version")
+        model, version, alias = request.match_info["model"], request.match_info.get("version"), request.match_info.get("alias")
         ctype = request.content_type
         if ctype in MSGPACK_TYPES:
-            inputs, outputs, params = parse_body(await self._body(request))
+            inputs, outputs, params, extras = parse_submission(await self._body(request), SUBMIT_FIELDS)
         elif ctype in JSON_TYPES or BINARY_HEADER in request.headers:
-            parsed = v2.parse_infer_request(await self._body(request), _header_length(request))
-            inputs, params = parsed.inputs, parsed.parameters
+            parsed = v2.parse_infer_request(await self._body(request), v2.header_length(request.headers.get(BINARY_HEADER)))
+            inputs, params, extras = parsed.inputs, parsed.parameters, parsed.extras
             outputs = tuple(o.name for o in parsed.outputs) if parsed.outputs else None
         else:
             raise UnsupportedMedia(f"Content-Type must be application/json or application/msgpack, not {ctype!r}")
+        # A caller waiting on the answer is interactive: it goes ahead of bulk work unless it says otherwise.
+        default = HIGH if _float_query(request, "wait") else NORMAL
         return Submission(
             model, version, inputs, outputs, params, tenant=self._tenant(request),
             idempotency_key=request.headers.get("Idempotency-Key"), ttl_s=_float_query(request, "ttl"),
+            priority=priority_for(request.get("principal"), extras.get("priority"), default),
+            alias=alias, route_key=request.headers.get(ROUTE_KEY_HEADER) or None, shard=_int_query(request, "shard"),
+            # The edge's span of this job: a child of the caller's trace, or the root of a new one.
+            traceparent=new_traceparent(parse_traceparent(request.headers.get(TRACEPARENT_HEADER))),
+            webhook=await self._webhook(extras, self._tenant(request)),
         )
+
+    async def _webhook(self, extras: dict[str, Any], tenant: str | None) -> dict[str, Any] | None:
+        """The submit's webhook, its URL through the SSRF guard (422 ``webhook_not_allowed``)."""
+        url = extras.get("webhook")
+        if url is None:
+            return webhook_spec(None, extras.get("webhook_events_filter"))
+        url = await webhook_url.check(url, self._allow)
+        if not await self._webhook_secrets(tenant):
+            raise InvalidInput("webhooks need a signing secret: set webhooks.secret, or give the tenant one "
+                               "(inferq tenant webhook-secret NAME)")
+        return webhook_spec(url, extras.get("webhook_events_filter"))
 
     async def submit_job(self, request: web.Request) -> web.StreamResponse:
         """POST a job: 202 with its id once the broker confirmed it.
@@ -111,127 +187,153 @@ class EdgeAPI:
         and is then the job document (200), saving the client a poll.
         """
         wait = min(_float_query(request, "wait") or 0.0, self.settings.max_wait_s)
-        state, created = await self.service.submit(await self._submission(request))
-        location = {"Location": f"/v1/jobs/{state.job_id}"}
+        submission = await self._submission(request)
+        state, created = await self.service.submit(submission)
+        location = {"Location": f"/v1/jobs/{state.job_id}", TRACEPARENT_HEADER: state.trace or submission.traceparent}
         if wait > 0:
             state = await self.service.get(state.job_id, state.tenant, wait)
             if state.terminal:
-                response = _document(request, state)
-                response.headers.update(location)
-                return response
+                return await self._document(request, state, location)
         body = {"job_id": state.job_id, "status": state.status, "model": state.model, "version": state.version}
-        return web.json_response(body, status=202, headers=location)
+        if state.alias:
+            body["alias"] = state.alias
+        return json_response(body, status=202, headers=location)
 
     async def get_job(self, request: web.Request) -> web.Response:
         """GET a job; ``?wait=S`` long-polls until it is final."""
         wait = min(_float_query(request, "wait") or 0.0, self.settings.max_wait_s)
         state = await self.service.get(request.match_info["job_id"], self._tenant(request), wait)
-        return _document(request, state)
+        return await self._document(request, state)
+
+    async def job_events(self, request: web.Request) -> web.StreamResponse:
+        """GET a job's event stream (text/event-stream) until its final state."""
+        return await eventstream.stream(request, self.service, self._tenant(request),
+                                        _event_document, self.settings.events_heartbeat_s)
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        """GET the caller's jobs, newest first: ``{"jobs": [summaries], "next": cursor | null}``."""
+        wanted = listing.JobFilter.from_query(self._tenant(request), request.query)
+        limit = listing.parse_limit(request.query.get("limit"))
+        found, after = listing.page(self.service.projection.jobs(), wanted, limit, request.query.get("after") or None)
+        return json_response({"jobs": [job_document(s, binary=False, summary=True) for s in found], "next": after})
+
+    async def job_stats(self, request: web.Request) -> web.Response:
+        """GET the caller's jobs counted by status (``?model=``, ``?version=``)."""
+        wanted = listing.JobFilter.from_query(self._tenant(request), {k: v for k, v in request.query.items() if k != "status"})
+        return json_response({"model": wanted.model, "version": wanted.version,
+                              "counts": listing.counts(self.service.projection.jobs(), wanted)})
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         """DELETE a job: cancels it if still queued."""
         state = await self.service.cancel(request.match_info["job_id"], self._tenant(request))
-        return _document(request, state)
+        return await self._document(request, state)
+
+    async def _document(self, request: web.Request, state: JobState,
+                        headers: dict[str, str] | None = None) -> web.StreamResponse:
+        """The job document, its outputs read back from the ledger if large, streamed if large (edge/download.py)."""
+        outputs = await self.service.outputs(state)
+        if "application/msgpack" in request.headers.get("Accept", ""):
+            return await download.send_msgpack(request, job_document(state, binary=True, outputs=outputs), headers)
+        # outputs={}: the skeleton without them; send_json puts them in place, a slice at a time when large.
+        return await download.send_json(request, job_document(state, binary=False, outputs={}), outputs, headers)
 
     async def list_models(self, request: web.Request) -> web.Response:
         await self.service.directory.refresh()
         models = [await self._model_summary(name) for name in self.service.directory.names()]
-        return web.json_response({"models": models})
+        return json_response({"models": models})
 
     async def describe_model(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._model_summary(request.match_info["model"]))
+        return json_response(await self._model_summary(request.match_info["model"]))
+
+    async def model_scaling(self, request: web.Request) -> web.Response:
+        """The autoscaler's desired workers for a model version (``?version=``, default: the default one).
+
+        The shape KEDA's ``metrics-api`` scaler reads (``valueLocation:
+        desired_workers``, see deploy/kubernetes/components/keda): the number
+        counts jobs in flight at busy workers, not only those waiting. 404 when
+        no autoscaler has decided yet; 503 while etcd does not answer, so KEDA
+        keeps the replicas it has (as the paused autoscaler does).
+        """
+        model = request.match_info["model"]
+        record = await self.service.directory.record(model)
+        version = request.query.get("version") or record.default_version
+        if version not in record.versions:
+            raise UnknownModel(f"model {model!r} has no version {version!r} (has {list(record.versions)})")
+        decision = await self.inventory.decision(model, version)
+        if decision is None:
+            raise NotFound(f"no scaling decision for {model}:{version} yet: is an autoscaler running with {model} "
+                           "in autoscaler.models (launcher none for KEDA)?")
+        return json_response(scaling_document(decision, time.time()))
 
     async def _model_summary(self, model: str) -> dict[str, Any]:
-        record = dict(await self.service.directory.record(model))
-        record["workers"] = await self.inventory.workers(model)
-        record["queue_depth"] = {v: await self.inventory.queue_depth(model, v) for v in record["versions"]}
+        record = await self.service.directory.record(model)
+        summary = json.loads(record.to_json())
+        summary["workers"] = [_with_iso(json.loads(w.to_json()), "started_at") for w in await self.inventory.workers(model)]
+        summary["queue_depth"] = {v: await self.inventory.queue_depth(model, v) for v in record.versions}
         decisions = await self.inventory.decisions()
-        record["autoscaler"] = {v: decisions.get(f"{model}.{v}") for v in record["versions"]}
-        return record
+        summary["autoscaler"] = {v: _with_iso(_asdict(decisions.get(f"{model}.{v}")), "at") for v in record.versions}
+        if self.registry is not None:
+            await self.registry.describe(model, summary)
+        return summary
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """Prometheus text: queue depth, workers, autoscaler decisions, this edge's projection."""
-        await self.service.directory.refresh()
-        workers, decisions = await self.inventory.workers(), await self.inventory.decisions()
-        lines = _metric_headers()
-        for model in self.service.directory.names():
-            for version in (await self.service.directory.record(model))["versions"]:
-                labels = f'model="{model}",version="{version}"'
-                depth = await self.inventory.queue_depth(model, version)
-                if depth is not None:
-                    lines.append(f"inferq_queue_ready{{{labels}}} {depth}")
-                mine = [w for w in workers if w.get("model") == model and w.get("version") == version]
-                for state in ("ready", "draining"):
-                    lines.append(f'inferq_workers{{{labels},state="{state}"}} {sum(1 for w in mine if w.get("state") == state)}')
-                lines.append(f"inferq_worker_inflight{{{labels}}} {sum(int(w.get('stats', {}).get('inflight', 0)) for w in mine)}")
-                lines.append(f"inferq_worker_jobs_total{{{labels}}} {sum(int(w.get('stats', {}).get('jobs', 0)) for w in mine)}")
-                decision = decisions.get(f"{model}.{version}")
-                if decision:
-                    lines.append(f"inferq_autoscaler_backlog{{{labels}}} {decision['backlog']}")
-                    lines.append(f"inferq_autoscaler_desired_workers{{{labels}}} {decision['desired']}")
-        lines.append(f"inferq_edge_jobs_in_memory {len(self.service.projection)}")
-        lines.append(f"inferq_edge_ledger_events_total {self.service.projection.events_applied}")
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+        """Prometheus text from the edge's registry: no etcd read or queue declare here (see edge/overview.py)."""
+        return exposition(self.edge_metrics.registry)
 
-    async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "inferq", "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]})
-
-    async def live(self, request: web.Request) -> web.Response:
-        return web.json_response({"live": True})
-
-    async def ready(self, request: web.Request) -> web.Response:
-        if not self._ready():
-            return error_response(503, "not_ready", "the edge is starting or has lost the broker")
-        return web.json_response({"ready": True})
-
-    async def model_metadata(self, request: web.Request) -> web.Response:
-        model = request.match_info["model"]
-        version = await self.service.directory.version(model, request.match_info.get("version"))
-        record = await self.service.directory.record(model)
-        return web.json_response({
-            "name": model, "versions": list(record["versions"]), "platform": "onnxruntime_onnx",
-            "inputs": [_spec_doc(s) for s in version.inputs], "outputs": [_spec_doc(s) for s in version.outputs],
-        })
-
-    async def model_ready(self, request: web.Request) -> web.Response:
-        await self.service.directory.version(request.match_info["model"], request.match_info.get("version"))
-        return web.json_response({"ready": True})
-
-    async def infer(self, request: web.Request) -> web.Response:
-        """Synchronous KServe v2 inference: submit, wait, answer (binary extension included)."""
-        body = await self._body(request)
-        parsed = v2.parse_infer_request(body, _header_length(request))
-        outputs = tuple(o.name for o in parsed.outputs) if parsed.outputs else None
-        # A synchronous caller gives up after sync_timeout_s: the job must not run after that.
-        sub = Submission(request.match_info["model"], request.match_info.get("version"), parsed.inputs, outputs,
-                         parsed.parameters, tenant=self._tenant(request),
-                         ttl_s=min(self.settings.sync_timeout_s, self.service.default_ttl_s))
-        state, _ = await self.service.submit(sub)
-        state = await self.service.get(state.job_id, sub.tenant, self.settings.sync_timeout_s)
-        if not state.terminal:
-            return error_response(504, "timeout", f"job {state.job_id} did not finish within {self.settings.sync_timeout_s:g}s; poll /v1/jobs/{state.job_id}")
-        if state.status != SUCCEEDED:
-            error = state.error or {"code": state.status, "message": f"job {state.status}"}
-            return error_response(SYNC_STATUS.get(error["code"], 500), error["code"], error["message"])
-        arrays = decode_tensor_map(state.outputs, what="outputs")
-        payload, headers = v2.encode_infer_response(state.model, state.version, parsed.id or state.job_id, arrays, parsed)
-        return web.Response(body=payload, headers=headers)
+    async def metrics_targets(self, request: web.Request) -> web.Response:
+        """Prometheus HTTP service discovery: every worker (model, version, node) and agent (node) that serves /metrics."""
+        snap = self.overview.snapshot
+        groups = [{"targets": [w.metrics], "labels": {"job": "inferq-worker", "model": w.model, "version": w.version,
+                                                       "node": w.node, "worker": w.worker_id}}
+                  for w in sorted(snap.workers, key=lambda w: w.worker_id) if w.metrics]
+        groups += [{"targets": [n.metrics], "labels": {"job": "inferq-agent", "node": n.node}} for n in snap.nodes if n.metrics]
+        return json_response(groups)
 
 
-def _document(request: web.Request, state: JobState) -> web.Response:
-    if "application/msgpack" in request.headers.get("Accept", ""):
-        return web.Response(body=packb(job_document(state, binary=True)), content_type="application/msgpack")
-    return web.json_response(job_document(state, binary=False))
+def _event_document(state: JobState) -> dict[str, Any]:
+    # An event carries the outputs the projection holds; a large result is fetched with a GET instead.
+    doc = job_document(state, binary=False)
+    return {**doc, "outputs_omitted": True} if state.held_out else doc
 
 
-def _header_length(request: web.Request) -> int | None:
-    raw = request.headers.get(BINARY_HEADER)
+def _deployment_secret(settings: WebhookSettings) -> Callable[[str | None], Awaitable[list[str]]]:
+    async def secrets(tenant: str | None) -> list[str]:
+        return [settings.secret] if settings.secret else []
+    return secrets
+
+
+def scaling_document(decision: Decision, now: float) -> dict[str, Any]:
+    """A decision as ``/v1/models/{m}/scaling`` shows it; ``desired_workers`` is KEDA's value."""
+    return {
+        "model": decision.model, "version": decision.version,
+        "desired_workers": decision.desired, "current_workers": decision.current,
+        "backlog": decision.backlog, "consumers": decision.consumers, "reason": decision.reason,
+        "decided_by": decision.leader, "decided_at": _iso(decision.at) if decision.at else None,
+        "age_s": round(max(0.0, now - decision.at), 3) if decision.at else None,
+    }
+
+
+def _asdict(record: Any) -> dict[str, Any] | None:
+    return None if record is None else dataclasses.asdict(record)
+
+
+def _with_iso(doc: dict[str, Any] | None, field: str) -> dict[str, Any] | None:
+    """``doc`` with its unix-seconds ``field`` as ISO 8601, like every time in an HTTP answer.
+
+    etcd records keep unix seconds (what their writers compare); only the HTTP view changes.
+    """
+    if doc is not None and isinstance(doc.get(field), (int, float)):
+        doc[field] = _iso(doc[field]) if doc[field] else None
+    return doc
+
+
+def _int_query(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
     if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise CodecError(f"{BINARY_HEADER} must be an integer") from None
+    if not raw.isdigit() or len(raw) > 9:
+        raise CodecError(f"query parameter {name!r} must be a whole number")
+    return int(raw)
 
 
 def _float_query(request: web.Request, name: str) -> float | None:
@@ -245,21 +347,3 @@ def _float_query(request: web.Request, name: str) -> float | None:
     if value != value or value < 0:
         raise CodecError(f"query parameter {name!r} must be a non-negative number")
     return value
-
-
-def _metric_headers() -> list[str]:
-    meta = [
-        ("inferq_queue_ready", "gauge", "jobs waiting in a model version's queue"),
-        ("inferq_workers", "gauge", "live workers of a model version by state"),
-        ("inferq_worker_inflight", "gauge", "jobs prefetched or running at a version's workers"),
-        ("inferq_worker_jobs_total", "counter", "jobs succeeded by a version's live workers"),
-        ("inferq_autoscaler_backlog", "gauge", "backlog in the autoscaler's last decision"),
-        ("inferq_autoscaler_desired_workers", "gauge", "workers the autoscaler last asked for"),
-        ("inferq_edge_jobs_in_memory", "gauge", "jobs in this edge's projection"),
-        ("inferq_edge_ledger_events_total", "counter", "ledger events this edge has applied"),
-    ]
-    return [line for name, kind, text in meta for line in (f"# HELP {name} {text}", f"# TYPE {name} {kind}")]
-
-
-def _spec_doc(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": v2.to_datatype(spec.dtype), "shape": [-1 if d is None else d for d in spec.shape]}

@@ -14,19 +14,22 @@ what the official ``tritonclient.http`` client sends and expects:
 Bodies are untrusted: anything malformed raises ``CodecError`` (HTTP 400) and a
 well-formed request this server cannot serve (``BYTES`` tensors, shared memory,
 classification) raises ``InvalidInput`` (HTTP 422). Nothing else escapes.
+
+Errors go back as the protocol's ``{"error": "<message>"}`` (:func:`error_body`), the
+message led by inferq's stable error code. The tensor checks here serve the gRPC codec too.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from broker.codec import DEFAULT_LIMITS, MAX_RANK
-from runtime.errors import CodecError, InvalidInput
+from inferq.broker.codec import DEFAULT_LIMITS, MAX_RANK
+from inferq.errors import CodecError, InvalidInput
 
 DATATYPES: dict[str, str] = {
     "BOOL": "bool",
@@ -55,6 +58,26 @@ _SCALAR_TYPES = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float)}
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "classification")
 
 
+def error_message(code: str, message: str) -> str:
+    """A v2 error message: the stable code first, e.g. ``"invalid_input: input 'x' ..."``."""
+    return f"{code}: {message}"
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    """The v2 protocol's error body, ``{"error": "<message>"}``."""
+    return {"error": error_message(code, message)}
+
+
+def header_length(raw: str | None) -> int | None:
+    """The ``Inference-Header-Content-Length`` header as an int (None when absent); CodecError if not one."""
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise CodecError(f"{HEADER_LENGTH} must be an integer") from None
+
+
 def to_datatype(dtype_name: str) -> str:
     """KServe datatype of a numpy dtype name (``"float32"`` -> ``"FP32"``); ``InvalidInput`` if none."""
     try:
@@ -80,6 +103,7 @@ class InferRequest:
     outputs: tuple[RequestedOutput, ...] | None  # None: every output of the model
     binary_output_default: bool
     parameters: dict
+    extras: dict = field(default_factory=dict)  # other top-level fields (inferq's /v1 adds priority, ...)
 
 
 def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
@@ -99,7 +123,8 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         raise CodecError("request parameter binary_data_output must be true or false")
     inputs = _decode_inputs(doc.get("inputs"), body, header_length)
     outputs = _parse_outputs(doc.get("outputs"), binary_default)
-    return InferRequest(request_id, inputs, outputs, binary_default, parameters)
+    extras = {k: v for k, v in doc.items() if k not in ("id", "inputs", "outputs", "parameters")}
+    return InferRequest(request_id, inputs, outputs, binary_default, parameters, extras)
 
 
 def encode_infer_response(
@@ -119,17 +144,17 @@ def encode_infer_response(
     if response_id is not None:
         doc["id"] = response_id
     entries, blobs = [], []
-    for name, array, binary in _selected_outputs(outputs, request):
+    for name, array, binary in selected_outputs(outputs, request):
         if binary:
-            raw = _little_endian_bytes(array)
+            raw = little_endian_bytes(array)
             entries.append(_tensor_header(name, array) | {"parameters": {"binary_data_size": len(raw)}})
             blobs.append(raw)
         else:
             entries.append(_tensor_json(name, array))
     doc["outputs"] = entries
     header = json.dumps(doc, separators=(",", ":")).encode()
-    if not blobs:
-        return header, {"Content-Type": "application/json"}
+    if not blobs:  # all JSON: end it with a newline like every other JSON answer
+        return header + b"\n", {"Content-Type": "application/json"}
     headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
     return b"".join([header, *blobs]), headers
 
@@ -151,13 +176,17 @@ def _load_header(body: bytes, header_length: int | None) -> dict:
                 f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes"
             )
         body = body[:header_length]
+    # Name what the client sent: a plain JSON body, or the JSON part of a binary-extension body.
+    what = "request body" if header_length is None else f"JSON header of the body (its first {header_length} bytes)"
     try:
         doc = json.loads(bytes(body))
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise CodecError(f"{what} is nested too deeply") from None
+    except ValueError as exc:
         # ValueError covers bad JSON, bad UTF-8 and integers too long to parse.
-        raise CodecError(f"request header is not valid JSON ({type(exc).__name__}: {exc})") from None
+        raise CodecError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise CodecError("request header must be a JSON object")
+        raise CodecError(f"{what} must be a JSON object")
     return doc
 
 
@@ -193,10 +222,10 @@ def _input_header(spec: Any, index: int) -> tuple[str, str, list[int], int | Non
     if not isinstance(name, str) or not name:
         raise CodecError(f"inputs[{index}] needs a non-empty string name")
     what = f"input {name!r}"
-    datatype = _datatype(spec.get("datatype"), what)
-    shape = _shape(spec.get("shape"), what)
+    datatype = check_datatype(spec.get("datatype"), what)
+    shape = check_shape(spec.get("shape"), what)
     parameters = _dict(spec.get("parameters"), f"{what} parameters")
-    _refuse_unsupported(parameters, what)
+    refuse_unsupported(parameters, what)
     size = parameters.get("binary_data_size")
     if size is not None and spec.get("data") is not None:
         raise CodecError(f"{what} has both data and binary_data_size")
@@ -205,7 +234,8 @@ def _input_header(spec: Any, index: int) -> tuple[str, str, list[int], int | Non
     return name, datatype, shape, size
 
 
-def _datatype(datatype: Any, what: str) -> str:
+def check_datatype(datatype: Any, what: str) -> str:
+    """``datatype`` if it is a supported KServe datatype name: CodecError if not a string, else InvalidInput."""
     if not isinstance(datatype, str):
         raise CodecError(f"{what} needs a string datatype")
     if datatype not in DATATYPES:
@@ -213,7 +243,8 @@ def _datatype(datatype: Any, what: str) -> str:
     return datatype
 
 
-def _shape(shape: Any, what: str) -> list[int]:
+def check_shape(shape: Any, what: str) -> list[int]:
+    """``shape`` if it is a list of at most MAX_RANK non-negative ints spanning a sane size; CodecError if not."""
     if not isinstance(shape, list) or len(shape) > MAX_RANK:
         raise CodecError(f"{what} needs a shape: a list of at most {MAX_RANK} dims")
     if not all(type(dim) is int and dim >= 0 for dim in shape):
@@ -259,6 +290,16 @@ def _flatten(data: Any, count: int, shape: list[int], what: str) -> list:
     return flat
 
 
+def tensor_from_bytes(raw: bytes, datatype: str, shape: list[int], what: str) -> np.ndarray:
+    """A read-only array over the little-endian bytes ``raw`` of a checked datatype and shape."""
+    return _binary_tensor(raw, 0, len(raw), datatype, shape, what)
+
+
+def little_endian_bytes(array: np.ndarray) -> bytes:
+    """The raw little-endian, row-major bytes of ``array``, as both binary extensions send them."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def _binary_tensor(body: bytes, offset: int, size: int, datatype: str, shape: list[int], what: str) -> np.ndarray:
     dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
     count = math.prod(shape)
@@ -286,7 +327,7 @@ def _parse_outputs(specs: Any, binary_default: bool) -> tuple[RequestedOutput, .
         if name in outputs:
             raise CodecError(f"output {name!r} is requested twice")
         parameters = _dict(spec.get("parameters"), f"output {name!r} parameters")
-        _refuse_unsupported(parameters, f"output {name!r}")
+        refuse_unsupported(parameters, f"output {name!r}")
         # Triton applies binary_data_output to every output that does not say otherwise.
         binary = parameters.get("binary_data", binary_default)
         if not isinstance(binary, bool):
@@ -303,7 +344,8 @@ def _dict(value: Any, what: str) -> dict:
     return value
 
 
-def _refuse_unsupported(parameters: dict, what: str) -> None:
+def refuse_unsupported(parameters: dict, what: str) -> None:
+    """InvalidInput if ``parameters`` ask for shared memory or classification."""
     for key in _UNSUPPORTED_PARAMETERS:
         if key in parameters:
             raise InvalidInput(f"{what}: {key} is not supported by this server")
@@ -312,9 +354,10 @@ def _refuse_unsupported(parameters: dict, what: str) -> None:
 # --- responses ----------------------------------------------------------------
 
 
-def _selected_outputs(
+def selected_outputs(
     outputs: dict[str, np.ndarray], request: InferRequest | None
 ) -> list[tuple[str, np.ndarray, bool]]:
+    """(name, array, binary) of the outputs ``request`` asked for, in its order; all of them if it named none."""
     if request is None or request.outputs is None:
         binary = request is not None and request.binary_output_default
         return [(name, np.asarray(array), binary) for name, array in outputs.items()]
@@ -333,6 +376,3 @@ def _tensor_json(name: str, array: np.ndarray) -> dict[str, Any]:
     # tolist() yields Python scalars: FP16 becomes float, which json can write.
     return _tensor_header(name, array) | {"data": array.reshape(-1).tolist()}
 
-
-def _little_endian_bytes(array: np.ndarray) -> bytes:
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()

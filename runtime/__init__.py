@@ -1,4 +1,4 @@
-"""inferq runtime: settings, errors, actors, ONNX sessions, etcd membership."""
+"""inferq.runtime: the actor base, ONNX sessions, etcd coordination, the model repository."""
 
 import os
 

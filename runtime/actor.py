@@ -1,21 +1,35 @@
-"""The actor base: a named unit with a mailbox, owned tasks and a phased stop.
+"""The actor base: a named unit with owned tasks, owned resources and a phased stop.
 
 An actor's background tasks are created with :meth:`Actor.spawn` and are
 always awaited on stop; a task that dies with an error stops the actor (it
-is not silently lost). Shutdown runs in phases: :meth:`on_drain` (stop pulling
-work), a bounded grace for in-flight work (:meth:`wait_idle`), cancellation of
-what is left, then :meth:`on_close` for resources.
+is not silently lost). Resources (connections, consumers, leases, sessions)
+are opened through :meth:`Actor.own`, which puts their ``aclose`` on the
+actor's ``AsyncExitStack``. Shutdown runs in phases: :meth:`on_drain` (stop
+pulling work), a bounded grace for in-flight work (:meth:`wait_idle`),
+cancellation of what is left, :meth:`on_close`, then the resources, last
+opened first. The last three run on every path, a failed drain included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("inferq.actor")
+
+RECANCEL_S = 0.5  # how long a cancelled task gets to finish before it is cancelled again
+CLOSE_BUDGET_S = 15.0  # every owned resource's close together (supervisors and tests SIGKILL after 20 s)
+
+
+class Closeable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closeable)
 
 
 class Actor:
@@ -23,12 +37,13 @@ class Actor:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.mailbox: asyncio.Queue[Any] = asyncio.Queue()
         self.state = "new"
+        self.resources = contextlib.AsyncExitStack()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self.failure: BaseException | None = None
+        self._close_deadline: float | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.state}>"
@@ -39,6 +54,30 @@ class Actor:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
+
+    async def own(self, opening: Awaitable[C]) -> C:
+        """Await a resource's async factory and close it when the actor stops (last opened, first closed)."""
+        resource = await opening
+        self.resources.push_async_callback(self._bounded, resource.aclose, repr(resource))
+        return resource
+
+    def on_stop(self, callback: Callable[[], Awaitable[Any]]) -> None:
+        """Run ``callback`` when the actor stops, in the same last-in, first-out order as owned resources."""
+        self.resources.push_async_callback(self._bounded, callback, getattr(callback, "__qualname__", repr(callback)))
+
+    async def _bounded(self, close: Callable[[], Awaitable[Any]], what: str) -> None:
+        """One close, within what is left of the stop's close budget.
+
+        A close that hangs (a channel whose broker went quiet) must not hold the
+        others, or the process, until its parent's SIGKILL: past the budget it is
+        given up, loudly, and the process exit releases what it held.
+        """
+        loop = asyncio.get_running_loop()
+        left = max(1.0, self._close_deadline - loop.time()) if self._close_deadline else CLOSE_BUDGET_S
+        try:
+            await asyncio.wait_for(close(), left)
+        except TimeoutError:
+            log.warning("%s: closing %s took over %.1f s; left to the process exit", self.name, what, left)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -69,23 +108,47 @@ class Actor:
             return
         self.state = "stopping"
         try:
-            await self.on_drain()
-            try:
-                await asyncio.wait_for(self.wait_idle(), grace_s)
-            except TimeoutError:
-                log.warning("%s: in-flight work did not finish within %ss; cancelling it", self.name, grace_s)
-            await self._cancel_tasks()
-            await self.on_close()
+            await self._drain_phase(grace_s)
         finally:
-            self.state = "stopped"
-            self._stopped.set()
-            log.info("%s stopped", self.name)
+            try:
+                await self._cancel_tasks()
+                await self.on_close()
+            finally:
+                self._close_deadline = asyncio.get_running_loop().time() + CLOSE_BUDGET_S
+                await self.resources.aclose()
+                self.state = "stopped"
+                self._stopped.set()
+                log.info("%s stopped", self.name)
+
+    async def _drain_phase(self, grace_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._drain_and_wait(), grace_s)
+        except TimeoutError:
+            log.warning("%s: in-flight work did not finish within %ss; cancelling it", self.name, grace_s)
+        except Exception:  # a drain that fails (broker gone mid-reconnect) must not skip the close
+            log.exception("%s: draining failed; closing anyway", self.name)
+
+    async def _drain_and_wait(self) -> None:
+        await self.on_drain()
+        await self.wait_idle()
 
     async def _cancel_tasks(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every owned task and wait for all of them, cancelling again those a cancel missed.
+
+        A cancel can be lost: on Python 3.11, ``asyncio.wait_for`` returns the inner
+        result and drops the cancellation when both happen at once (CPython gh-86296),
+        and a loop around it then sleeps on as if nothing happened. Without the repeat
+        such a task held the stop forever, until the parent's SIGKILL.
+        """
+        tasks, pending, rounds = list(self._tasks), set(self._tasks), 0
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+            rounds += 1
+            if pending and rounds == 1:
+                log.warning("%s: %s ignored a cancel; cancelling again", self.name, sorted(t.get_name() for t in pending))
+        await asyncio.gather(*tasks, return_exceptions=True)  # collects every outcome: none is "never retrieved"
 
     async def run(self, grace_s: float = 30.0, handle_signals: bool = True) -> None:
         """Start, serve until SIGTERM/SIGINT or :meth:`request_stop`, then stop gracefully."""

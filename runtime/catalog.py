@@ -1,7 +1,8 @@
-"""Model metadata in etcd (``/<ns>/models/<model>``), so an edge needs no model files.
+"""Model records in etcd (``/<ns>/models/<model>``), so an edge needs no model files.
 
-Written when a repository is loaded (``inferq models sync``, ``inferq up``);
-read by edges to validate requests before they are queued.
+Written only by the registry (:mod:`inferq.runtime.registry`: ``inferq models sync``,
+``push``, ``alias`` ...); read by edges to validate and route requests before they
+are queued, by the autoscaler, and by workers to find their version's files.
 """
 
 from __future__ import annotations
@@ -12,41 +13,33 @@ from typing import Any
 
 import aetcd
 
-from runtime.coordination import get_json_prefix, keys, translated
-from runtime.repository import ModelEntry, TensorSpec
+from inferq.runtime.coordination import get_records, keys, translated
+from inferq.runtime.records import ModelRecord
+from inferq.runtime.repository import ModelConfig
 
 
-def model_record(entry: ModelEntry) -> dict[str, Any]:
-    """The JSON record of a model: versions with signatures, default version, batching."""
+def config_fields(config: ModelConfig) -> dict[str, Any]:
+    """The fields of a ModelRecord that come from the model's config (batching, providers, scaling, the whole config)."""
     return {
-        "name": entry.name,
-        "default_version": entry.default_version,
-        "versions": {
-            v: {"inputs": [s.to_dict() for s in mv.inputs], "outputs": [s.to_dict() for s in mv.outputs]}
-            for v, mv in sorted(entry.versions.items(), key=lambda kv: int(kv[0]))
-        },
-        "batching": {"max_batch_size": entry.config.batching.max_batch_size, "max_queue_delay_ms": entry.config.batching.max_queue_delay_ms},
-        "allow_nan": entry.config.allow_nan,
-        "providers": list(entry.config.providers),
-        "require_providers": list(entry.config.require_providers),
-        "scaling": dict(entry.config.scaling),
+        "max_batch_size": config.batching.max_batch_size,
+        "max_queue_delay_ms": config.batching.max_queue_delay_ms,
+        "allow_nan": config.allow_nan,
+        "providers": tuple(config.providers),
+        "require_providers": tuple(config.require_providers),
+        "scaling": dict(config.scaling),
+        "config": json.loads(json.dumps(config.to_dict())),  # as etcd will give it back: lists, not tuples
     }
 
 
-async def publish_models(client: aetcd.Client, namespace: str, entries: dict[str, ModelEntry], timeout: float) -> None:
-    """Write (or overwrite) the records of ``entries``."""
-    k = keys(namespace)
-    for entry in entries.values():
-        async with translated(f"writing model {entry.name}"):
-            await asyncio.wait_for(client.put(k.model(entry.name).encode(), json.dumps(model_record(entry)).encode()), timeout)
+async def read_models(client: aetcd.Client, namespace: str, timeout: float) -> dict[str, ModelRecord]:
+    """Every model record (malformed ones are skipped with a warning)."""
+    return await get_records(client, keys(namespace).models, ModelRecord.from_json, timeout)
 
 
-async def read_models(client: aetcd.Client, namespace: str, timeout: float) -> dict[str, dict[str, Any]]:
-    """Every model record."""
-    return await get_json_prefix(client, keys(namespace).models, timeout)
-
-
-def signature(record: dict[str, Any], version: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of one version of a model record."""
-    v = record["versions"][version]
-    return [TensorSpec.from_dict(d) for d in v["inputs"]], [TensorSpec.from_dict(d) for d in v["outputs"]]
+async def read_model(client: aetcd.Client, namespace: str, name: str, timeout: float) -> tuple[ModelRecord | None, int]:
+    """One model record and its mod revision (0 when absent): what a compare-and-swap compares against."""
+    async with translated(f"reading model {name}"):
+        kv = await asyncio.wait_for(client.get(keys(namespace).model(name).encode()), timeout)
+    if kv is None:
+        return None, 0
+    return ModelRecord.from_json(kv.value), kv.mod_revision

@@ -3,6 +3,7 @@
 * ``mlp``: x float32[N,256] -> probs float32[N,10]
 * ``cnn``: x float32[N,3,64,64] -> logits float32[N,10]
 * ``transformer``: x float32[N,128,256] -> y float32[N,128,256] (one pre-norm encoder block)
+* a wide model (:func:`write_wide_model`): x float32[N,4] -> y float32[N,width], large results from a tiny file
 """
 
 from __future__ import annotations
@@ -203,3 +204,38 @@ def write_demo_repository(root: Path, names: dict[str, str] | None = None, overw
         onnx.save(build(), str(path))
         (root / name / "config.toml").write_text(config)
     return root
+
+
+def write_wide_model(root: Path, name: str, width: int, config: str = "") -> None:
+    """x float32[N,4] -> y float32[N,width]: large outputs from a tiny file (issue 19's model, at any width).
+
+    ``y[n, k] = x[n, k % 4] * w[k % 4] + k / width``, with ``w`` drawn from a fixed seed: every
+    element depends on the input, so a result read back wrong cannot look right.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if width % 4:
+        raise ValueError("width must be a multiple of 4")
+    w = np.random.default_rng(SEED).standard_normal(4).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "w"], ["xw"]),
+            helper.make_node("Tile", ["xw", "repeats"], ["tiled"]),
+            helper.make_node("Range", ["start", "limit", "delta"], ["steps"]),  # whole numbers: an exact count
+            helper.make_node("Mul", ["steps", "inverse"], ["ramp"]),
+            helper.make_node("Add", ["tiled", "ramp"], ["y"]),
+        ],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1, width // 4], np.int64), "repeats"),
+         numpy_helper.from_array(np.array(0, np.float32), "start"), numpy_helper.from_array(np.array(width, np.float32), "limit"),
+         numpy_helper.from_array(np.array(1, np.float32), "delta"), numpy_helper.from_array(np.array(1 / width, np.float32), "inverse")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    path = root / name / "1" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    (root / name / "config.toml").write_text("intra_op_threads = 1\n[batching]\nmax_batch_size = 4\nmax_queue_delay_ms = 1.0\n" + config)

@@ -5,6 +5,11 @@ A candidate creates the key only if it does not exist (a transaction on
 the leader's lease ends (process died, cut off past the TTL), and a standby
 takes it on its next try. Before acting, a leader checks that the key still
 carries its token, so a paused ex-leader never acts on stale authority.
+
+When etcd does not answer (a member died, quorum lost), a leader does not act,
+but keeps its lease and token: once etcd answers again and the key still
+carries the token, it leads on at once instead of waiting out its own lease.
+``last_error`` says why the last round could not reach etcd (None when it did).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import aetcd
 
-from runtime.coordination import ETCD_ERRORS
+from inferq.runtime.coordination import ETCD_ERRORS
 
 log = logging.getLogger("inferq.election")
 
@@ -32,6 +37,7 @@ class LeaderElection:
         self._lease: Any = None
         self.token: int | None = None
         self.state = "follower"
+        self.last_error: str | None = None
 
     async def campaign(self) -> bool:
         """Try to become (or stay) leader; False while another candidate holds the key."""
@@ -45,9 +51,12 @@ class LeaderElection:
                 return True
             lease, self._lease = self._lease, None
             await asyncio.wait_for(lease.revoke(), self._timeout)
+            self.last_error = None
             return False
         except ETCD_ERRORS as exc:
-            log.warning("election: etcd unreachable (%r)", exc)
+            if self.last_error is None:
+                log.warning("election: etcd unreachable (%r)", exc)
+            self.last_error = _describe(exc)
             self._step_down()
             return False
 
@@ -61,6 +70,7 @@ class LeaderElection:
             ),
             self._timeout,
         )
+        self.last_error = None
         if ok:
             self.token = responses[0].response_put.header.revision
             self.state = "leader"
@@ -75,13 +85,21 @@ class LeaderElection:
             reply = await asyncio.wait_for(self._lease.refresh(), self._timeout)
             current = await asyncio.wait_for(self._client.get(self.key.encode()), self._timeout)
         except ETCD_ERRORS as exc:
-            log.warning("election: cannot confirm leadership (%r); stepping down", exc)
-            self._step_down()
+            if "lease not found" in str(exc).lower():
+                log.warning("lost leadership (token %s): the lease has expired", self.token)
+                self._step_down()
+                return False
+            if self.last_error is None:
+                log.warning("election: cannot confirm leadership (%r); not acting until etcd answers", exc)
+            self.last_error = _describe(exc)
+            self.state = "unconfirmed"
             return False
+        self.last_error = None
         if reply is None or reply.TTL <= 0 or current is None or current.create_revision != self.token:
             log.warning("lost leadership (token %s)", self.token)
             self._step_down()
             return False
+        self.state = "leader"
         return True
 
     def _step_down(self) -> None:
@@ -101,3 +119,8 @@ class LeaderElection:
                 await asyncio.wait_for(lease.revoke(), self._timeout)
             except ETCD_ERRORS as exc:
                 log.warning("could not resign (%r); leadership lapses with the lease", exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

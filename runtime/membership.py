@@ -9,24 +9,29 @@ again with a new lease; while etcd is unreachable the worker goes on serving.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import aetcd
 
-from runtime.coordination import ETCD_ERRORS, translated
+from inferq.runtime.coordination import ETCD_ERRORS, translated
 
 log = logging.getLogger("inferq.membership")
 
 
-class MembershipLease:
-    """A worker's membership. Build with :meth:`acquire`; ``aclose`` revokes it (idempotent)."""
+class Record(Protocol):
+    """What a lease carries: a typed record (``WorkerRecord``, ``NodeRecord``)."""
 
-    def __init__(self, client: aetcd.Client, key: str, record: dict[str, Any], ttl_s: int, timeout_s: float) -> None:
+    def to_json(self) -> str: ...
+
+
+class MembershipLease:
+    """A worker's membership. Build with :meth:`open`; ``aclose`` revokes it (idempotent)."""
+
+    def __init__(self, client: aetcd.Client, key: str, record: Record, ttl_s: int, timeout_s: float) -> None:
         self._client = client
         self.key = key
-        self.record = dict(record)
+        self.record = record
         self.ttl_s = ttl_s
         self._timeout = timeout_s
         self._lease: Any = None
@@ -35,7 +40,7 @@ class MembershipLease:
         self.registrations = 0
 
     @classmethod
-    async def acquire(cls, client: aetcd.Client, key: str, record: dict[str, Any], ttl_s: int, timeout_s: float = 5.0) -> MembershipLease:
+    async def open(cls, client: aetcd.Client, key: str, record: Record, ttl_s: int, timeout_s: float = 5.0) -> MembershipLease:
         """Register now if etcd answers, and keep the lease alive from then on."""
         self = cls(client, key, record, ttl_s, timeout_s)
         try:
@@ -48,7 +53,7 @@ class MembershipLease:
 
     async def _register(self) -> None:
         lease = await asyncio.wait_for(self._client.lease(self.ttl_s), self._timeout)
-        await asyncio.wait_for(self._client.put(self.key.encode(), json.dumps(self.record).encode(), lease=lease), self._timeout)
+        await asyncio.wait_for(self._client.put(self.key.encode(), self.record.to_json().encode(), lease=lease), self._timeout)
         self._lease = lease
         self.state = "registered"
         self.registrations += 1
@@ -73,14 +78,14 @@ class MembershipLease:
                 self.state = "lost"
                 self._lease = None if _lease_gone(exc) else self._lease
 
-    async def update(self, **fields: Any) -> None:
-        """Change fields of the record (e.g. ``state="draining"``)."""
-        self.record.update(fields)
+    async def update(self, record: Record) -> None:
+        """Replace the record (e.g. with ``state=DRAINING``); kept for the next registration if etcd is away."""
+        self.record = record
         if self._lease is None:
             return
         async with translated(f"updating {self.key}"):
             await asyncio.wait_for(
-                self._client.put(self.key.encode(), json.dumps(self.record).encode(), lease=self._lease), self._timeout
+                self._client.put(self.key.encode(), record.to_json().encode(), lease=self._lease), self._timeout
             )
 
     async def aclose(self) -> None:
@@ -99,11 +104,6 @@ class MembershipLease:
             except ETCD_ERRORS as exc:
                 log.warning("could not revoke lease of %s (%r); it expires in %ss", self.key, exc, self.ttl_s)
 
-    async def __aenter__(self) -> MembershipLease:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 def _lease_gone(exc: BaseException) -> bool:

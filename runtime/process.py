@@ -1,4 +1,8 @@
-"""Child ``inferq`` processes (workers, edges) started and stopped from asyncio."""
+"""Child ``inferq`` processes (workers, edges) started and stopped from asyncio.
+
+Every child is tied to this process (:mod:`inferq.runtime.lifeline`): it gets
+SIGTERM when we die, so a SIGKILLed parent leaves no orphan behind.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+from inferq.runtime.lifeline import child_env
 
 log = logging.getLogger("inferq.process")
 
@@ -22,12 +28,12 @@ class ChildProcess:
 
     @classmethod
     async def start(cls, name: str, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None) -> ChildProcess:
-        """Spawn ``python -m runtime.cli <args>`` with ``env`` added to ours."""
+        """Spawn ``python -m inferq.cli <args>`` with ``env`` added to ours, tied to this process by its lifeline."""
         out = open(log_path, "ab") if log_path else None
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "runtime.cli", *args,
-                env={**os.environ, **(env or {})}, stdin=asyncio.subprocess.DEVNULL,
+                sys.executable, "-m", "inferq.cli", *args,
+                env={**os.environ, **(env or {}), **child_env()}, stdin=asyncio.subprocess.DEVNULL,
                 stdout=out, stderr=asyncio.subprocess.STDOUT if out else None,
                 start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
             )
@@ -46,6 +52,7 @@ class ChildProcess:
         return self._proc.returncode
 
     async def wait(self) -> int:
+        """The exit status once the child has exited (negative: the signal that killed it)."""
         return await self._proc.wait()
 
     def signal(self, sig: int) -> None:

@@ -8,13 +8,18 @@ queue limits (see README, "Model configuration").
 from __future__ import annotations
 
 import logging
-import tomllib
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.topology import VERSION_RE, QueueLimits, check_model_name
-from runtime.errors import ConfigError, UnknownModel
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+from inferq.broker.topology import VERSION_RE, QueueLimits, check_model_name
+from inferq.errors import ConfigError, UnknownModel
 
 log = logging.getLogger("inferq.repository")
 
@@ -23,18 +28,18 @@ DEFAULT_PROVIDERS = ("tensorrt", "cuda", "cpu")
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One model input or output; ``None`` in ``shape`` is a dynamic dim."""
+    """One model input or output; ``None`` in ``shape`` is a dynamic dim, a ``None`` shape an unknown rank."""
 
     name: str
     dtype: str
-    shape: tuple[int | None, ...]
+    shape: tuple[int | None, ...] | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {"name": self.name, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+        return cls(d["name"], d["dtype"], None if d["shape"] is None else tuple(d["shape"]))
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class ModelConfig:
     intra_op_threads: int = 0
     allow_spinning: bool = False
     allow_nan: bool = True
+    run_timeout_s: float = 60.0  # one session run; past it ORT is told to stop and the job fails
     require_providers: tuple[str, ...] = ()
     queue: QueueLimits = field(default_factory=QueueLimits)
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -78,7 +84,23 @@ class ModelConfig:
         if not path.exists():
             return cls()
         try:
-            raw = tomllib.loads(path.read_text())
+            return cls.from_dict(tomllib.loads(path.read_text()), str(path))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"bad model config {path}: {exc}") from exc
+
+    @classmethod
+    def parse(cls, text: str, what: str = "model config") -> ModelConfig:
+        """A ``config.toml`` given as text (a push's ``--config``)."""
+        try:
+            return cls.from_dict(tomllib.loads(text), what)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"bad {what}: {exc}") from exc
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], what: str = "model config") -> ModelConfig:
+        """The inverse of :meth:`to_dict` (also what ``config.toml`` parses to); ConfigError on unknown keys."""
+        raw = dict(raw)
+        try:
             return cls(
                 batching=BatchingConfig(**raw.pop("batching", {})),
                 providers=tuple(raw.pop("providers", DEFAULT_PROVIDERS)),
@@ -87,8 +109,8 @@ class ModelConfig:
                 retry=_retry(raw.pop("retry", {})),
                 **raw,
             )
-        except (OSError, tomllib.TOMLDecodeError, TypeError) as exc:
-            raise ConfigError(f"bad model config {path}: {exc}") from exc
+        except TypeError as exc:
+            raise ConfigError(f"bad {what}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,9 +128,10 @@ class ModelVersion:
 
     model: str
     version: str
-    path: Path
+    path: Path | None  # None on an edge, which has only the signature
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    opset: int = 0  # the default ONNX domain's opset (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -159,7 +182,6 @@ def load_model(root: Path, name: str) -> ModelEntry:
 def read_signature(model: str, version: str, path: Path) -> ModelVersion:
     """Read inputs and outputs from the ONNX graph, refusing external data outside its directory."""
     import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -170,12 +192,37 @@ def read_signature(model: str, version: str, path: Path) -> ModelVersion:
 
     def spec(value: Any) -> TensorSpec:
         t = value.type.tensor_type
+        if not t.HasField("shape"):
+            return TensorSpec(value.name, _dtype_name(t.elem_type), None)
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-        return TensorSpec(value.name, tensor_dtype_to_np_dtype(t.elem_type).name, dims)
+        return TensorSpec(value.name, _dtype_name(t.elem_type), dims)
 
     inputs = tuple(spec(v) for v in proto.graph.input if v.name not in initializers)
     outputs = tuple(spec(v) for v in proto.graph.output)
-    return ModelVersion(model, version, path, inputs, outputs)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ModelVersion(model, version, path, inputs, outputs, opset)
+
+
+def external_files(path: Path) -> list[str]:
+    """The external data files ``model.onnx`` refers to, relative to its directory (checked to stay inside it)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises bare DecodeError/ValueError variants; all mean "bad file"
+        raise ConfigError(f"{path} is not a readable ONNX model: {exc}") from exc
+    _check_external_data(proto, path.parent)
+    names = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    return sorted(names)
+
+
+def _dtype_name(elem_type: int) -> str:
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        return tensor_dtype_to_np_dtype(elem_type).name
+    except (KeyError, ValueError, TypeError):  # a type numpy has no name for (bfloat16, float8 ...)
+        return f"onnx:{elem_type}"
 
 
 def _check_external_data(proto: Any, directory: Path) -> None:

@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import ConfigError, InferenceError
-from runtime.repository import ModelConfig, ModelVersion
+from inferq.errors import ConfigError, InferenceError
+from inferq.runtime.repository import ModelConfig, ModelVersion
 
 log = logging.getLogger("inferq.session")
 
+TERMINATE_GRACE_S = 10.0
 PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -54,6 +55,10 @@ class ModelSession:
         self.providers: list[str] = session.get_providers()
         self.output_names = [o.name for o in version.outputs]
         self.state = "open"
+        self.wedged = False
+        import onnxruntime
+
+        self._ort = onnxruntime
 
     @classmethod
     async def open(cls, version: ModelVersion, config: ModelConfig, cache_dir: Path | None = None) -> ModelSession:
@@ -82,15 +87,30 @@ class ModelSession:
         log.info("model %s:%s loaded with providers %s (asked %s)", version.model, version.version, self.providers, list(config.providers))
         return self
 
-    async def run(self, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run one (batched) inference in the session's thread."""
+    async def run(self, feed: dict[str, np.ndarray], outputs: list[str] | None = None, timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Run one (batched) inference in the session's thread; past ``timeout_s`` ORT is told to stop."""
         names = outputs or self.output_names
         loop = asyncio.get_running_loop()
+        options = self._ort.RunOptions()
+        future = loop.run_in_executor(self._executor, self._session.run, names, feed, options)
         try:
-            results = await loop.run_in_executor(self._executor, self._session.run, names, feed)
+            results = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            await self._terminate(future, options, timeout_s)
         except Exception as exc:  # onnxruntime's errors carry no useful type
             raise InferenceError(str(exc).strip()[:500]) from exc
         return dict(zip(names, results))
+
+    async def _terminate(self, future: asyncio.Future[Any], options: Any, timeout_s: float | None) -> None:
+        options.terminate = True  # ORT checks this between kernels and raises
+        try:
+            await asyncio.wait_for(asyncio.shield(future), TERMINATE_GRACE_S)
+        except TimeoutError:
+            self.wedged = True  # the session thread is still busy: this worker must be replaced
+            raise InferenceError(f"inference did not finish within {timeout_s:g}s and did not stop when told to") from None
+        except Exception:
+            pass
+        raise InferenceError(f"inference did not finish within {timeout_s:g}s (stopped)")
 
     async def __aenter__(self) -> ModelSession:
         return self

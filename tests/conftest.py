@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,10 +20,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.coordination import keys, open_etcd
-from runtime.demo import write_demo_repository
-from runtime.loader import remove_namespace, sync_repository
-from runtime.settings import EtcdSettings, JobSettings, Settings
+from inferq.runtime.coordination import keys, open_etcd
+from inferq.runtime.demo import write_demo_repository
+from inferq.runtime.loader import remove_namespace, sync_repository
+from inferq.settings import BrokerSettings, EtcdSettings, JobSettings, Settings
+from tests.brokers import local_cluster, own_broker, own_etcd  # noqa: F401 (fixtures)
 from tests.models import write_reshape_model, write_slow_model
 from tests.support import AmqpClient, Process, live_workers, wait_until
 
@@ -33,12 +35,16 @@ MODELS = {"mlp": "mlp", "cnn": "cnn"}
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     root = tmp_path_factory.mktemp("inferq")
     repo = write_demo_repository(root / "models", MODELS)
-    # "tiny": the MLP behind a queue that holds 3 jobs, for backpressure tests.
-    for name in ("tiny", "tiny2"):
+    # "tiny*": the MLP behind a queue that holds 3 jobs, for backpressure tests; one per test that fills one,
+    # so that no test finds a queue another test filled (tiny: test_edge, tiny2: test_faults, tiny_v2:
+    # test_v2_conformance, tiny_sdk: test_sdk).
+    for name in ("tiny", "tiny2", "tiny_v2", "tiny_sdk"):
         write_demo_repository(repo, {"mlp": name})
         (repo / name / "config.toml").write_text("[queue]\nmax_length = 3\n")
+    # "unserved": the MLP that no test ever starts a worker for: its jobs stay queued.
+    write_demo_repository(repo, {"mlp": "unserved"})
     # Models the autoscaler tests own, one per test so their workers never meet.
-    for name in ("scaled", "drained", "leader", "replaced", "placed"):
+    for name in ("scaled", "drained", "leader", "replaced", "placed", "controlled", "guarded", "kubescaled", "kedascaled", "explained", "paged"):
         write_demo_repository(repo, {"mlp": name})
     write_slow_model(repo, "slow", layers=4000)
     write_slow_model(repo, "poison", layers=4000, config="[queue]\ndelivery_limit = 2\n")
@@ -50,6 +56,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         namespace=f"t{uuid.uuid4().hex[:8]}",
         model_repository=repo,
         state_dir=root / "state",
+        # INFERQ_TEST_BROKER_URL points a run at another RabbitMQ (a node of one's own while the shared one is sick).
+        broker=BrokerSettings(url=os.environ.get("INFERQ_TEST_BROKER_URL", BrokerSettings.url)),
         etcd=EtcdSettings(lease_ttl_s=3),
         jobs=JobSettings(ttl_s=600),
     )
@@ -65,7 +73,7 @@ async def synced(settings: Settings) -> AsyncIterator[Settings]:
 
 @pytest.fixture
 async def spawn_worker(synced: Settings, tmp_path: Path) -> AsyncIterator[Callable[..., asyncio.Future]]:
-    """Start real ``inferq worker`` processes; each is ready (registered in etcd) when returned."""
+    """Start real ``inferq worker`` processes; each is ready (registered in etcd, warmed up, consuming) when returned."""
     started: list[Process] = []
 
     async def spawn(model: str = "mlp", *extra: str, env: dict[str, str] | None = None, ready: bool = True) -> Process:
@@ -76,7 +84,7 @@ async def spawn_worker(synced: Settings, tmp_path: Path) -> AsyncIterator[Callab
             async def registered() -> bool:
                 assert proc.alive(), proc.output()
                 now = await live_workers(synced, model)
-                return any(v["pid"] == proc.pid for k, v in now.items() if k not in before)
+                return any(v["pid"] == proc.pid and v["state"] == "ready" for k, v in now.items() if k not in before)
             await wait_until(registered, 30, f"worker {model} to register")
         return proc
 
@@ -91,24 +99,30 @@ def free_port() -> int:
 
 
 class Edge:
-    """A running ``inferq edge`` process and its base URL."""
+    """A running ``inferq edge`` process, its base URL and its gRPC port (0 when off)."""
 
-    def __init__(self, process: Process, port: int) -> None:
+    def __init__(self, process: Process, port: int, grpc_port: int = 0) -> None:
         self.process = process
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.grpc_port = grpc_port
 
 
 @pytest.fixture
 async def spawn_edge(synced: Settings, tmp_path: Path) -> AsyncIterator[Callable[..., asyncio.Future]]:
-    """Start real ``inferq edge`` processes; each answers /v2/health/ready when returned."""
+    """Start real ``inferq edge`` processes; each answers /v2/health/ready when returned.
+
+    gRPC is off unless ``grpc`` is true, then on a free port (never Triton's 8001).
+    """
     started: list[Process] = []
 
-    async def spawn(port: int | None = None, env: dict[str, str] | None = None) -> Edge:
+    async def spawn(port: int | None = None, env: dict[str, str] | None = None, grpc: bool = False) -> Edge:
         port = port or free_port()
-        proc = Process(["edge", "--port", str(port)], synced, tmp_path / f"edge-{len(started)}.log", env)
+        grpc_port = free_port() if grpc else 0
+        args = ["edge", "--port", str(port), "--grpc-port", str(grpc_port)]
+        proc = Process(args, synced, tmp_path / f"edge-{len(started)}.log", env)
         started.append(proc)
-        edge = Edge(proc, port)
+        edge = Edge(proc, port, grpc_port)
 
         async def ready() -> bool:
             assert proc.alive(), proc.output()

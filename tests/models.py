@@ -54,3 +54,45 @@ def write_reshape_model(root: Path, name: str, config: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     (root / name / "config.toml").write_text(config)
+
+
+def write_mlp(directory: Path, seed: int, broken: bool = False) -> Path:
+    """The demo MLP (x float32[N,256] -> probs float32[N,10]) with weights from ``seed``, as ``directory/model.onnx``.
+
+    Two seeds give two versions with the same signature and different outputs. ``broken``
+    adds a lookup whose index is ``sum(|x|) * 1e6``: zeros (a warm-up sample) run, any
+    real input makes ONNX Runtime fail at run time (index out of bounds).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from inferq.runtime.demo import build_mlp
+
+    model = build_mlp(seed)
+    if broken:
+        graph = model.graph
+        graph.output[0].name = "clean"
+        graph.node[-1].output[0] = "clean"
+        graph.initializer.extend([numpy_helper.from_array(np.zeros(1, np.float32), "table"),
+                                  numpy_helper.from_array(np.array(1e6, np.float32), "scale")])
+        graph.node.extend([
+            helper.make_node("Abs", ["x"], ["ax"]),
+            helper.make_node("ReduceSum", ["ax"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "scale"], ["scaled"]),
+            helper.make_node("Cast", ["scaled"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "index"], ["picked"]),
+            helper.make_node("Add", ["clean", "picked"], ["probs"]),
+        ])
+        graph.output[0].name = "probs"
+        onnx.checker.check_model(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(directory / "model.onnx"))
+    return directory / "model.onnx"
+
+
+
+def write_wide_model(root: Path, name: str, width: int, config: str = "") -> None:
+    """Issue 19's large-output model (``x float32[N,4] -> y float32[N,width]``), from inferq.runtime.demo."""
+    from inferq.runtime.demo import write_wide_model as write
+
+    write(root, name, width, config)

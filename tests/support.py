@@ -17,12 +17,13 @@ from typing import Any
 import aio_pika
 import numpy as np
 
-from broker.codec import decode_tensor_map, unpackb
-from broker.connection import BrokerConnection
-from broker.messages import JobRequest
-from broker.topology import Topology
-from runtime.coordination import get_json_prefix, keys, open_etcd
-from runtime.settings import Settings
+from inferq.broker.codec import decode_tensor_map, unpackb
+from inferq.broker.connection import BrokerConnection
+from inferq.broker.tail import MARKER_HEADER
+from inferq.broker.messages import JobEvent, JobRequest, unpack_events
+from inferq.broker.topology import Topology
+from inferq.runtime.coordination import get_json_prefix, keys, open_etcd
+from inferq.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,16 +44,7 @@ async def wait_until(predicate: Callable[[], Awaitable[Any] | Any], timeout: flo
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment that makes a child process use ``settings``."""
-    env = dict(os.environ)
-    env.update(
-        INFERQ_NAMESPACE=settings.namespace,
-        INFERQ_MODEL_REPOSITORY=str(settings.model_repository),
-        INFERQ_STATE_DIR=str(settings.state_dir),
-        INFERQ_ETCD_LEASE_TTL_S=str(settings.etcd.lease_ttl_s),
-        INFERQ_JOBS_TTL_S=str(settings.jobs.ttl_s),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    return {**os.environ, **settings.resolved().to_env(), "PYTHONUNBUFFERED": "1"}
 
 
 class Process:
@@ -64,7 +56,7 @@ class Process:
         env = settings_env(settings)
         env.update(extra_env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", *args], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "inferq.cli", *args], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     @property
@@ -161,3 +153,47 @@ class AmqpClient:
 
     async def aclose(self) -> None:
         await self.connection.aclose()
+
+
+async def ledger_events(settings: Settings, url: str | None = None, timeout: float = 60) -> list[JobEvent]:
+    """Every event in the namespace's ledger stream, in stream order: the durable truth tests count against."""
+    connection = await aio_pika.connect(url or settings.broker.url, timeout=10)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1000)
+        stream = await channel.declare_queue(Topology(settings.namespace).ledger, passive=True)
+        events: list[JobEvent] = []
+        marker, done = uuid.uuid4().hex, asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if (message.headers or {}).get(MARKER_HEADER) == marker:
+                done.set()
+            elif not (message.headers or {}).get(MARKER_HEADER):
+                events.extend(unpack_events(message.body)[0])
+            await message.ack()
+
+        await stream.consume(on_message, arguments={"x-stream-offset": "first"})
+        await channel.default_exchange.publish(aio_pika.Message(b"", headers={MARKER_HEADER: marker}), stream.name)
+        await asyncio.wait_for(done.wait(), timeout)
+        return events
+    finally:
+        await connection.close()
+
+
+def final_states(events: list[JobEvent]) -> dict[str, list[str]]:
+    """Each job's final statuses in ledger order (a job may be recorded more than once: at-least-once)."""
+    finals: dict[str, list[str]] = collections.defaultdict(list)
+    for event in events:
+        if event.status.terminal:
+            finals[event.job_id].append(event.status.value)
+    return finals
+
+
+def assert_each_ended_once(events: list[JobEvent], job_ids: list[str]) -> dict[str, str]:
+    """Every job has a final state in the ledger and no two that disagree; returns each job's final status."""
+    finals = final_states(events)
+    missing = [j for j in job_ids if j not in finals]
+    assert not missing, f"{len(missing)} of {len(job_ids)} jobs have no final state in the ledger: {missing[:5]}"
+    conflicting = {j: finals[j] for j in job_ids if len(set(finals[j])) > 1}
+    assert not conflicting, f"jobs with conflicting final states: {dict(list(conflicting.items())[:5])}"
+    return {j: finals[j][0] for j in job_ids}

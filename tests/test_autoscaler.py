@@ -7,9 +7,12 @@ import signal
 
 import pytest
 
-from actors.launcher import NoCapacity, place
-from actors.policy import Recommender, ScalingPolicy
-from runtime.coordination import keys, open_etcd
+from inferq.actors.launcher import place
+from inferq.actors.policy import Recommender
+from inferq.errors import NoCapacity
+from inferq.runtime.records import NodeRecord
+from inferq.settings import ScalingPolicy
+from inferq.runtime.coordination import keys, open_etcd
 from tests.conftest import sample, set_policy
 from tests.support import live_workers, wait_until
 
@@ -29,13 +32,21 @@ def test_recommender_clamps_smooths_and_activates() -> None:
 
 
 def test_placement_respects_required_providers_and_capacity() -> None:
-    nodes = {"gpu": {"providers": ["cuda", "cpu"], "capacity": 2, "workers": 1},
-             "cpu": {"providers": ["cpu"], "capacity": 4, "workers": 0},
-             "full": {"providers": ["tensorrt", "cuda", "cpu"], "capacity": 1, "workers": 1}}
+    nodes = {"gpu": NodeRecord("gpu", ("cuda", "cpu"), capacity=2, workers=1),
+             "cpu": NodeRecord("cpu", ("cpu",), capacity=4, workers=0),
+             "full": NodeRecord("full", ("tensorrt", "cuda", "cpu"), capacity=1, workers=1)}
     assert place(nodes, ["cuda"]) == "gpu"
     assert place(nodes, []) == "cpu"
     with pytest.raises(NoCapacity):
         place(nodes, ["tensorrt"])
+
+
+def test_placement_prefers_a_node_that_already_caches_the_artifact_over_more_free_capacity() -> None:
+    warm, cold = "a" * 64, "b" * 64
+    nodes = {"warm": NodeRecord("warm", ("cpu",), capacity=2, workers=1, cached=(warm,)),
+             "roomy": NodeRecord("roomy", ("cpu",), capacity=8, workers=0)}
+    assert place(nodes, [], warm) == "warm"
+    assert place(nodes, [], cold) == "roomy"
 
 
 async def test_backlog_scales_from_zero_to_several_workers_and_back_to_zero(synced, spawn_autoscaler, amqp) -> None:
@@ -142,7 +153,11 @@ async def test_decisions_are_exposed_as_metrics_and_in_the_model_listing(synced,
     await set_policy(synced, "drained", min_workers=1, max_workers=1, **FAST)
     await spawn_autoscaler("drained")
     edge = await spawn_edge()
-    await wait_until(lambda: live_workers(synced, "drained"), 60, "the policy's worker")
+
+    async def ready() -> bool:  # a worker registers while it warms up; ready once it consumes
+        return any(w["state"] == "ready" for w in (await live_workers(synced, "drained")).values())
+
+    await wait_until(ready, 60, "the policy's worker")
 
     async def decided() -> dict | None:
         async with http.get(f"{edge.url}/v1/models/drained") as resp:
@@ -150,7 +165,24 @@ async def test_decisions_are_exposed_as_metrics_and_in_the_model_listing(synced,
 
     decision = await wait_until(decided, 30, "a recorded decision")
     assert decision["desired"] == 1 and decision["reason"]
-    async with http.get(f"{edge.url}/metrics") as resp:
-        text = await resp.text()
-    assert 'inferq_autoscaler_desired_workers{model="drained",version="1"} 1' in text
-    assert 'inferq_workers{model="drained",version="1",state="ready"} 1' in text
+
+    async def exposed() -> bool:  # /metrics serves the edge's cache, refreshed every metrics.refresh_s
+        async with http.get(f"{edge.url}/metrics") as resp:
+            text = await resp.text()
+        return ('inferq_autoscaler_desired_workers{model="drained",version="1"} 1.0' in text
+                and 'inferq_workers{model="drained",state="ready",version="1"} 1.0' in text)
+
+    await wait_until(exposed, 10, "the decision and the worker on /metrics")
+
+
+async def test_a_bad_policy_override_is_ignored_with_a_warning_and_the_autoscaler_keeps_scaling(synced, spawn_autoscaler, amqp) -> None:
+    await set_policy(synced, "guarded", min_workers=0, max_workers=1, **FAST)
+    scaler = await spawn_autoscaler("guarded")
+    async with open_etcd(synced.etcd) as client:  # what an operator's typo in etcdctl puts there (JSON allows it)
+        await client.put(keys(synced.namespace).policy("guarded").encode(), b'{"scale_up_stabilization_s": -1, "max_workers": Infinity}')
+    jobs = [await amqp.submit("guarded", {"x": sample("mlp", seed=i)}) for i in range(20)]
+    results = await amqp.wait_results(jobs, timeout=60)
+    assert {r["status"] for r in results.values()} == {"succeeded"}, "the previous policy (max 1 worker) still scales"
+    assert scaler.alive(), scaler.output()
+    await wait_until(lambda: "ignoring the policy override" in scaler.output(), 10, "a warning about the bad override")
+    assert "Traceback" not in scaler.output()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from actors.acks import AckTracker
-from actors.batcher import Batcher
+from inferq.broker.acks import AckTracker
+from inferq.actors.batcher import Batcher
 
 
 class FakeChannel:
@@ -56,3 +56,16 @@ async def test_acks_cover_finished_runs_only_and_never_cross_a_channel_change() 
     assert d[2].acks == [True] and d[3].acks == [True]
     assert not d[0].acks and not d[1].acks and not d[4].acks
     assert len(tracker) == 0
+
+
+async def test_the_mailbox_hands_out_every_high_priority_item_before_any_normal_one() -> None:
+    from inferq.actors.mailbox import Mailbox
+
+    mailbox: Mailbox[str] = Mailbox()
+    for item in ("n1", "n2"):
+        mailbox.put_nowait(item)
+    mailbox.put_nowait("h1", high=True)
+    batcher = Batcher(mailbox, max_size=2, max_delay_s=0.01)
+    assert await batcher.next_batch() == ["h1", "n1"]
+    mailbox.put_nowait("h2", high=True)
+    assert await batcher.next_batch() == ["h2", "n2"] and mailbox.empty()

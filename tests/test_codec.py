@@ -6,9 +6,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from broker.codec import Limits, decode_tensor, decode_tensor_map, encode_tensor, packb, unpackb
-from broker.messages import JobEvent, pack_events, unpack_events
-from runtime.errors import CodecError, MessageTooLarge
+from inferq.broker.codec import Limits, decode_tensor, decode_tensor_map, encode_tensor, packb, unpackb
+from inferq.broker.messages import JobEvent, pack_events, unpack_events
+from inferq.errors import CodecError, MessageTooLarge
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int8", "int64", "uint8", "bool"])
@@ -73,6 +73,13 @@ def test_tensor_map_must_name_tensors() -> None:
 
 def test_ledger_messages_carry_several_events() -> None:
     events = [JobEvent("a", "queued", "mlp", "1"), JobEvent("b", "failed", error={"code": "x", "message": "y"})]
-    assert unpack_events(pack_events(events)) == events
+    assert unpack_events(pack_events(events)) == (events, 0)
     with pytest.raises(CodecError):
-        unpack_events(packb([{"job_id": "a", "status": "exploded"}]))
+        unpack_events(packb({"job_id": "a"}))
+
+
+def test_a_malformed_event_spoils_no_other_event_of_its_message() -> None:
+    good = JobEvent("a", "succeeded", "mlp", "1", ts=5.0)
+    wire = [{"job_id": "x", "status": "exploded", "ts": 1.0}, {"job_id": "y", "status": "queued", "ts": "a"},
+            {"job_id": "z", "status": "queued", "ts": 1.0, "model": 7}, dict(good.to_wire(), added_by_a_newer_worker=1)]
+    assert unpack_events(packb(wire)) == ([good], 3)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import msgpack
 import numpy as np
 import pytest
 
-from broker.codec import decode_tensor_map, encode_tensor, packb
+from inferq.broker.codec import decode_tensor_map, encode_tensor, packb
 from tests.conftest import sample
 
 
@@ -17,8 +18,8 @@ def v2_input(x: np.ndarray, name: str = "x", datatype: str = "FP32") -> dict:
     return {"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}
 
 
-async def submit(http, edge, model: str, x: np.ndarray, headers: dict | None = None) -> dict:
-    async with http.post(f"{edge.url}/v1/models/{model}/jobs", json={"inputs": [v2_input(x)]}, headers=headers) as resp:
+async def submit(http, edge, model: str, x: np.ndarray, headers: dict | None = None, query: str = "") -> dict:
+    async with http.post(f"{edge.url}/v1/models/{model}/jobs{query}", json={"inputs": [v2_input(x)]}, headers=headers) as resp:
         body = await resp.json()
         assert resp.status == 202, body
         assert resp.headers["Location"] == f"/v1/jobs/{body['job_id']}"
@@ -155,6 +156,20 @@ async def test_bad_submissions_get_a_json_error_with_the_right_status(spawn_edge
         assert resp.status == 200
 
 
+async def test_json_answers_end_with_a_newline_and_a_malformed_body_is_called_a_body(spawn_edge, http) -> None:
+    edge = await spawn_edge()
+    body = {"inputs": [v2_input(np.zeros((1, 256), np.float32))]}
+    answers = [await http.post(f"{edge.url}/v1/models/mlp/jobs", json=body), await http.get(f"{edge.url}/v1/models"),
+               await http.get(f"{edge.url}/v2/health/ready"), await http.get(f"{edge.url}/v1/jobs/nosuchjob")]
+    for resp in answers:
+        text = await resp.text()
+        assert text.endswith("}\n") and text.count("\n") == 1, (resp.url, text[-40:])
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", data=b'{"inputs": [}',
+                         headers={"Content-Type": "application/json"}) as resp:
+        message = (await resp.json())["error"]["message"]
+    assert message == "request body is not valid JSON: Expecting value: line 1 column 13 (char 12)"
+
+
 async def test_unknown_and_malformed_job_ids_get_404_and_400(spawn_edge, http) -> None:
     edge = await spawn_edge()
     async with http.get(f"{edge.url}/v1/jobs/0123456789abcdef0123456789abcdef") as resp:
@@ -194,6 +209,8 @@ async def test_model_listing_shows_versions_workers_and_queue_depth(spawn_worker
         doc = await resp.json()
     assert doc["default_version"] == "1" and doc["versions"]["1"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": [None, 256]}]
     assert worker.pid in [w["pid"] for w in doc["workers"]]
+    started = next(w["started_at"] for w in doc["workers"] if w["pid"] == worker.pid)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", started), f"ISO 8601 like job documents: {started}"
     assert isinstance(doc["queue_depth"]["1"], int)
     async with http.get(f"{edge.url}/v1/models") as resp:
         assert {"mlp", "cnn"} <= {m["name"] for m in (await resp.json())["models"]}
@@ -231,19 +248,23 @@ async def test_submit_with_wait_answers_with_the_finished_job(spawn_worker, spaw
         assert resp.status == 200 and resp.headers["Location"] == f"/v1/jobs/{doc['job_id']}"
     assert doc["status"] == "succeeded"
     np.testing.assert_allclose(outputs_of(doc)["probs"], reference("mlp", x), rtol=1e-5, atol=1e-6)
-    async with http.post(f"{edge.url}/v1/models/tiny/jobs?wait=0.2", json={"inputs": [v2_input(x)]}) as resp:
-        assert resp.status in (202, 429), "a job that does not finish in time is answered as accepted"
+    async with http.post(f"{edge.url}/v1/models/unserved/jobs?wait=0.2", json={"inputs": [v2_input(x)]}) as resp:
+        assert resp.status == 202, "a job that does not finish in time is answered as accepted"
+        assert (await resp.json())["status"] == "queued"
 
 
 async def test_a_cancellation_that_only_reached_the_workers_still_ends_the_job(spawn_worker, spawn_edge, http, amqp) -> None:
-    from broker.ledger import LedgerWriter
-    from broker.messages import CANCELLED, JobEvent
+    from inferq.broker.ledger import LedgerWriter
+    from inferq.broker.messages import CANCELLED, JobEvent
 
     edge = await spawn_edge()
     job = await submit(http, edge, "cnn", sample("cnn"))
     # As if the edge died between the cancel stream and the ledger: only workers hear of it.
-    async with LedgerWriter(amqp.connection, amqp.topology.cancels) as cancels:
+    cancels = await LedgerWriter.open(amqp.connection, amqp.topology.cancels)
+    try:
         await cancels.write([JobEvent(job["job_id"], CANCELLED, "cnn", "1")])
+    finally:
+        await cancels.aclose()
     await spawn_worker("cnn")
     doc = await poll(http, edge, job["job_id"])
     assert doc["status"] == "cancelled" and doc["started_at"] is None and "outputs" not in doc

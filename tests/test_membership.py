@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import uuid
 
-from runtime.coordination import open_etcd
-from runtime.membership import MembershipLease
+from inferq.runtime.coordination import open_etcd
+from inferq.runtime.membership import MembershipLease
+from inferq.runtime.records import WorkerRecord, WorkerState
 from tests.support import wait_until
 
 
 async def test_lost_lease_is_registered_again(synced) -> None:
     key = f"/{synced.namespace}/workers/lease-{uuid.uuid4().hex[:6]}"
     async with open_etcd(synced.etcd) as client:
-        lease = await MembershipLease.acquire(client, key, {"state": "ready"}, ttl_s=2)
+        record = WorkerRecord("w1", "mlp", "1")
+        lease = await MembershipLease.open(client, key, record, ttl_s=2)
         try:
-            assert json.loads((await client.get(key.encode())).value) == {"state": "ready"}
+            assert WorkerRecord.from_json((await client.get(key.encode())).value) == record
             await client.revoke_lease(lease._lease.id)  # what an etcd outage longer than the TTL does
             assert await client.get(key.encode()) is None
 
@@ -24,8 +26,8 @@ async def test_lost_lease_is_registered_again(synced) -> None:
 
             await wait_until(back, 10, "the record to be registered again")
             assert lease.registrations == 2
-            await lease.update(state="draining")
-            assert json.loads((await client.get(key.encode())).value)["state"] == "draining"
+            await lease.update(dataclasses.replace(record, state=WorkerState.DRAINING))
+            assert WorkerRecord.from_json((await client.get(key.encode())).value).state is WorkerState.DRAINING
         finally:
             await lease.aclose()
         assert await client.get(key.encode()) is None

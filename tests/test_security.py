@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import gzip
 import math
+import uuid
 
+import aio_pika
 import pytest
 
-from broker.codec import encode_tensor, packb
-from edge.auth import create_key
-from runtime.coordination import open_etcd
-from runtime.errors import ConfigError
-from runtime.repository import read_signature
+from inferq.broker.codec import encode_tensor, packb
+from inferq.broker.messages import CONTENT_TYPE
+from inferq.edge.auth import create_key
+from inferq.runtime.coordination import open_etcd
+from inferq.errors import ConfigError
+from inferq.runtime.repository import read_signature
 from tests.conftest import sample
+from tests.support import assert_each_ended_once, ledger_events
 from tests.test_edge import v2_input
 
 
@@ -40,6 +44,11 @@ async def test_a_gzip_bomb_is_stopped_at_the_body_limit(spawn_edge, http) -> Non
         assert resp.status == 200
 
 
+# Shapes that fit their (empty or tiny) data by arithmetic but not by numpy's limits, or not at all.
+HOSTILE_SHAPES = [([0, 2**40, 2**40], b""), ([2**62, 0], b""), ([0] * 8 + [5], b""), ([-1, 256], b"\0" * 1024),
+                  ([1, 2**31], b""), ([True, 256], b"\0" * 1024), ([1.0, 256], b"\0" * 1024), ([[1], 256], b"")]
+
+
 @pytest.mark.parametrize(
     "body, status",
     [
@@ -47,12 +56,35 @@ async def test_a_gzip_bomb_is_stopped_at_the_body_limit(spawn_edge, http) -> Non
         (b"\x81\xa6inputs" + b"\x91" * 50_000 + b"\xc0", 400),                      # 50k nested arrays
         (packb({"inputs": {"x": {"dtype": "object", "shape": [1], "data": b"\x80\x04N."}}}), 400),  # object dtype / pickle bytes
         (packb({"inputs": {"x": {"dtype": "float32", "shape": [1, 256], "data": b"short"}}}), 400),
+        *[(packb({"inputs": {"x": {"dtype": "float32", "shape": shape, "data": data}}}), 400) for shape, data in HOSTILE_SHAPES],
+        (packb({"inputs": {"x": {"dtype": "<U4", "shape": [1], "data": b"abcd"}}}), 400),         # a string dtype
+        (packb({"inputs": {"x": {"dtype": "float32", "shape": [1, 256], "data": "not bytes"}}}), 400),
+        (packb({"inputs": {1: {"dtype": "float32", "shape": [1], "data": b"\0" * 4}}}), 400),    # a non-string key
+        (packb({"inputs": {"x": {"dtype": "float32", "shape": [1], "data": b"\0" * 4, "extra": 1}}}), 400),
     ],
 )
-async def test_msgpack_bombs_and_object_dtypes_get_400(spawn_edge, http, body: bytes, status: int) -> None:
+async def test_msgpack_bombs_hostile_shapes_and_object_dtypes_get_400(spawn_edge, http, body: bytes, status: int) -> None:
     edge = await spawn_edge()
     async with http.post(f"{edge.url}/v1/models/mlp/jobs", data=body, headers={"Content-Type": "application/msgpack"}) as resp:
         assert resp.status == status and (await resp.json())["error"]["code"] == "bad_message"
+    async with http.get(f"{edge.url}/v2/health/live") as resp:
+        assert resp.status == 200, "the edge lives on"
+
+
+async def test_a_hostile_amqp_job_fails_alone_and_its_batch_mates_succeed(synced, spawn_worker, amqp) -> None:
+    await spawn_worker("mlp")
+    good = [await amqp.submit("mlp", {"x": sample("mlp", seed=i)}) for i in range(20)]
+    hostile = []
+    for i, (shape, data) in enumerate(HOSTILE_SHAPES):
+        body = packb({"inputs": {"x": {"dtype": "float32", "shape": shape, "data": data}}})
+        hostile.append(f"hostile-{i}-{uuid.uuid4().hex[:6]}")
+        await amqp.publish_raw("mlp", aio_pika.Message(body, message_id=hostile[-1], content_type=CONTENT_TYPE, reply_to=amqp.reply_queue))
+    good += [await amqp.submit("mlp", {"x": sample("mlp", seed=100 + i)}) for i in range(19)]
+    results = await amqp.wait_results(good + hostile, timeout=60)
+    assert {results[j]["status"] for j in good} == {"succeeded"}
+    assert {(results[j]["status"], results[j]["error"]["code"]) for j in hostile} == {("failed", "bad_message")}
+    final = assert_each_ended_once(await ledger_events(synced), good + hostile)
+    assert sum(1 for j in good if final[j] == "succeeded") == len(good)
 
 
 async def test_bytes_tensors_are_refused_with_422(spawn_edge, http) -> None:
@@ -82,9 +114,9 @@ def test_a_model_whose_external_data_points_outside_its_directory_is_refused(tmp
 
 @pytest.fixture
 async def keys_for(synced):
-    async def make(tenant: str, rate: float = 0.0, burst: int = 0) -> dict[str, str]:
+    async def make(tenant: str, rate: float = 0.0, burst: int = 0, max_priority: str = "high") -> dict[str, str]:
         async with open_etcd(synced.etcd) as client:
-            token = await create_key(client, synced.namespace, tenant, rate, burst, 5)
+            token = await create_key(client, synced.namespace, tenant, rate, burst, 5, max_priority=max_priority)
         return {"Authorization": f"Bearer {token}"}
     return make
 
@@ -123,3 +155,14 @@ async def test_a_tenant_over_its_rate_gets_429_with_retry_after(spawn_edge, http
     assert codes == [202, 202, 429]
     async with http.post(f"{edge.url}/v1/models/cnn/jobs", json=job, headers=other) as resp:
         assert resp.status == 202, "one tenant's limit does not hold back another"
+
+
+async def test_a_tenant_limited_to_normal_priority_is_refused_high_and_its_waits_stay_normal(spawn_worker, spawn_edge, http, keys_for) -> None:
+    edge = await spawn_edge(env={"INFERQ_EDGE_AUTH": "true"})
+    await spawn_worker("mlp")
+    bulk = await keys_for("bulk", max_priority="normal")
+    body = {"inputs": [v2_input(sample("mlp"))]}
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", json={**body, "priority": "high"}, headers=bulk) as resp:
+        assert resp.status == 403 and "normal-priority" in (await resp.json())["error"]["message"]
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs", params={"wait": "10"}, json=body, headers=bulk) as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "succeeded", "a wait is no request for high"

@@ -8,8 +8,8 @@ import signal
 import aio_pika
 import numpy as np
 
-from broker.codec import packb
-from broker.messages import CONTENT_TYPE
+from inferq.broker.codec import packb
+from inferq.broker.messages import CONTENT_TYPE
 from tests.conftest import sample
 from tests.support import live_workers, wait_until
 

@@ -9,8 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from runtime.coordination import ETCD_ERRORS, open_etcd
-from runtime.membership import MembershipLease
+from inferq.runtime.coordination import ETCD_ERRORS, open_etcd
+from inferq.runtime.membership import MembershipLease
+from inferq.runtime.records import WorkerRecord
 from tests.conftest import free_port
 from tests.support import wait_until
 
@@ -69,7 +70,7 @@ async def test_membership_works_against_etcd_with_tls_and_client_certificates(sy
 
     await wait_until(answers, 30, "etcd with TLS to answer", interval=0.3)
     async with open_etcd(settings) as client:
-        lease = await MembershipLease.acquire(client, "/tls/workers/w1", {"state": "ready"}, ttl_s=5)
+        lease = await MembershipLease.open(client, "/tls/workers/w1", WorkerRecord("w1", "mlp", "1"), ttl_s=5)
         assert (await client.get(b"/tls/workers/w1")) is not None
         await lease.aclose()
         assert (await client.get(b"/tls/workers/w1")) is None

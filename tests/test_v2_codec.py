@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from edge.v2 import (
+from inferq.edge.v2 import (
     DATATYPES,
     HEADER_LENGTH,
     InferRequest,
@@ -24,7 +24,7 @@ from edge.v2 import (
     tensors_to_json,
     to_datatype,
 )
-from runtime.errors import CodecError, InvalidInput
+from inferq.errors import CodecError, InvalidInput
 
 
 def sample(datatype: str, shape: tuple[int, ...] = (2, 3), seed: int = 0) -> np.ndarray:
@@ -174,10 +174,10 @@ ONE_INPUT = [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]
 GARBAGE: list[tuple[str, bytes, object, str]] = [
     ("empty body", b"", None, "not valid JSON"),
     ("not json", b"{inputs", None, "not valid JSON"),
-    ("invalid utf-8", b'{"inputs": "\xff\xfe"}', None, "UnicodeDecodeError"),
+    ("invalid utf-8", b'{"inputs": "\xff\xfe"}', None, "can't decode byte"),
     ("json array", b"[1, 2]", None, "JSON object"),
     ("json string", b'"inputs"', None, "JSON object"),
-    ("deeply nested json", b"[" * 100_000 + b"]" * 100_000, None, "RecursionError"),
+    ("deeply nested json", b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
     ("integer too long to parse", tensor_body(datatype="INT64", shape=[1], data=[0]).replace(b"[0]", b"[" + b"9" * 5000 + b"]"), None, "not valid JSON"),
     ("no inputs", b"{}", None, "list of inputs"),
     ("empty inputs", request_body(inputs=[]), None, "list of inputs"),
