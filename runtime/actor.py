@@ -19,9 +19,10 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
+from inferq.runtime.tasks import cancel_and_wait
+
 log = logging.getLogger("inferq.actor")
 
-RECANCEL_S = 0.5  # how long a cancelled task gets to finish before it is cancelled again
 CLOSE_BUDGET_S = 15.0  # every owned resource's close together (supervisors and tests SIGKILL after 20 s)
 
 
@@ -133,22 +134,8 @@ class Actor:
         await self.wait_idle()
 
     async def _cancel_tasks(self) -> None:
-        """Cancel every owned task and wait for all of them, cancelling again those a cancel missed.
-
-        A cancel can be lost: on Python 3.11, ``asyncio.wait_for`` returns the inner
-        result and drops the cancellation when both happen at once (CPython gh-86296),
-        and a loop around it then sleeps on as if nothing happened. Without the repeat
-        such a task held the stop forever, until the parent's SIGKILL.
-        """
-        tasks, pending, rounds = list(self._tasks), set(self._tasks), 0
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
-            rounds += 1
-            if pending and rounds == 1:
-                log.warning("%s: %s ignored a cancel; cancelling again", self.name, sorted(t.get_name() for t in pending))
-        await asyncio.gather(*tasks, return_exceptions=True)  # collects every outcome: none is "never retrieved"
+        """Cancel every owned task and wait for all of them (see :mod:`inferq.runtime.tasks` on lost cancels)."""
+        await cancel_and_wait(self._tasks, self.name)
 
     async def run(self, grace_s: float = 30.0, handle_signals: bool = True) -> None:
         """Start, serve until SIGTERM/SIGINT or :meth:`request_stop`, then stop gracefully."""

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import aetcd
 
 from inferq.runtime.coordination import ETCD_ERRORS, translated
+from inferq.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("inferq.membership")
 
@@ -95,8 +96,7 @@ class MembershipLease:
         self.state = "closed"
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task], self.key)  # a plain cancel can be lost inside wait_for (3.11)
         lease, self._lease = self._lease, None
         if lease is not None:
             try:
