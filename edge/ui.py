@@ -40,7 +40,7 @@ SSE_HEARTBEAT_S = 15.0
 def _iso(ts: float | None) -> str | None:
     if not ts:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class StatusPage:

@@ -104,7 +104,7 @@ def webhook_id(job_id: str, event: str) -> str:
 
 def sign(secrets: Iterable[str], msg_id: str, at: float, payload: str) -> dict[str, str]:
     """The Standard Webhooks headers; with several secrets (a rotation) each signs, space-separated."""
-    when = datetime.datetime.fromtimestamp(int(at), datetime.UTC)
+    when = datetime.datetime.fromtimestamp(int(at), datetime.timezone.utc)
     signatures = " ".join(Webhook(secret).sign(msg_id, when, payload) for secret in secrets)
     return {"webhook-id": msg_id, "webhook-timestamp": str(int(at)), "webhook-signature": signatures,
             "content-type": "application/json"}
@@ -171,9 +171,14 @@ class WebhookTrigger:
 
     async def run(self) -> None:
         """Claim and queue due deliveries for ever, QUEUERS at once; a failure waits and tries again."""
-        async with asyncio.TaskGroup() as group:  # owned here: cancelled and awaited with this task
-            for _ in range(QUEUERS):
-                group.create_task(self._queue_forever())
+        # Owned here: cancelled and awaited with this task (no TaskGroup: agents' nodes run Python 3.10).
+        tasks = [asyncio.create_task(self._queue_forever(), name=f"webhook-queuer-{i}") for i in range(QUEUERS)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _queue_forever(self) -> None:
         while True:
