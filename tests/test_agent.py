@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -430,6 +431,53 @@ async def test_a_corrupted_artifact_download_is_rejected_and_retried_until_the_b
     await wait_until(lambda: _ready_worker(synced, name), 60, "the worker, once a download verified")
     cached = tmp_path / f"{node}-state" / "artifacts" / digest / "model.onnx"
     assert cached.read_bytes() == data and not cached.with_name("model.onnx.part").exists()
+
+
+# ---- variants: an Orin runs the tegra234 variant, a host the default ------------------------------------------------
+
+
+async def _ready_by_node(settings: Settings, model: str, nodes: set[str]) -> dict[str, dict] | None:
+    ready = {w["node"]: w for w in (await live_workers(settings, model)).values() if w["state"] == "ready"}
+    return ready if set(ready) >= nodes else None
+
+
+async def test_an_orin_agent_runs_the_tegra234_variant_and_a_host_agent_the_default_each_fetched_by_its_sha256(
+        synced, spawn_edge, spawn_node_agent, amqp, http, tmp_path) -> None:
+    name = unique("variant")
+    default, int8 = write_mlp(tmp_path / "v1", seed=921), write_mlp(tmp_path / "int8", seed=922)  # other weights, other outputs
+    edge = await spawn_edge()
+    async with RegistryClient(edge.url) as registry:
+        await registry.push(name, [(default, "model.onnx"), (int8, "model-int8.onnx")],
+                            config='[variants.int8]\nfile = "model-int8.onnx"\nsoc = "tegra234"\n')
+    orin, host = unique("orin"), unique("host")
+    fetching = replace(synced, registry=replace(synced.registry, artifacts_url=edge.url))
+    for node, files in ((orin, ORIN), (host, HOST)):
+        sysroot = write_sysroot(tmp_path / f"{node}-sys", files)
+        spawn_node_agent(node, replace(fetching, agent=replace(fetching.agent, sysroot=str(sysroot))))
+        await wait_until(lambda: _node(synced, node), 30, f"the node record of {node}")
+        await send(amqp.connection, amqp.topology.control, agent_key(node), {"command": "spawn", "model": name, "version": "1"})
+    workers = await wait_until(lambda: _ready_by_node(synced, name, {orin, host}), 90, "a ready worker on each node")
+    assert (workers[orin]["variant"], workers[host]["variant"]) == ("int8", ""), workers
+    for node, path in ((orin, int8), (host, default)):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert (tmp_path / f"{node}-state" / "artifacts" / digest / "model.onnx").read_bytes() == path.read_bytes()
+    async with http.get(f"{edge.url}/v1/models/{name}") as resp:
+        shown = {w["node"]: w["variant"] for w in (await resp.json())["workers"]}
+    assert shown == {orin: "int8", host: ""}, "GET /v1/models/{m} says which variant each worker runs"
+
+    inputs = [sample("mlp", seed=i) for i in range(200)]
+    ids = [await amqp.submit(name, {"x": x}, job_id=f"{name}-{i}") for i, x in enumerate(inputs)]
+    results = await amqp.wait_results(ids, 60)
+    references = {"int8": ort.InferenceSession(str(int8)), "default": ort.InferenceSession(str(default))}
+    ran = Counter()
+    for i, job_id in enumerate(ids):
+        assert results[job_id]["status"] == "succeeded", results[job_id]
+        got = amqp.outputs(results[job_id])["probs"]
+        expected = {k: ref.run(None, {"x": inputs[i]})[0] for k, ref in references.items()}
+        assert not np.allclose(expected["int8"], expected["default"], rtol=1e-3), "the two files give other outputs"
+        (which,) = [k for k, want in expected.items() if np.allclose(got, want, rtol=1e-5, atol=1e-6)]
+        ran[which] += 1
+    assert set(ran) == {"int8", "default"} and sum(ran.values()) == len(ids), ran  # both nodes served, each its own file
 
 
 async def test_a_restarted_agent_starts_again_the_workers_it_ran_before_it_was_killed(
