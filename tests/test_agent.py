@@ -480,6 +480,43 @@ async def test_an_orin_agent_runs_the_tegra234_variant_and_a_host_agent_the_defa
     assert set(ran) == {"int8", "default"} and sum(ran.values()) == len(ids), ran  # both nodes served, each its own file
 
 
+async def _decision_reason(settings: Settings, model: str) -> str:
+    async with open_etcd(settings.etcd) as client:
+        raw = await client.get(f"{keys(settings.namespace).decisions}{model}.1".encode())
+    return json.loads(raw.value)["reason"] if raw else ""
+
+
+async def test_the_autoscaler_places_a_model_requiring_a_jetson_only_on_one_and_says_why_each_other_node_was_passed_over(
+        synced, spawn_edge, spawn_node_agent, spawn_autoscaler, tmp_path) -> None:
+    name = unique("jetsononly")
+    edge = await spawn_edge()
+    async with RegistryClient(edge.url) as registry:
+        await registry.push(name, [(write_mlp(tmp_path / "v1", seed=931), "model.onnx"),
+                                   (write_mlp(tmp_path / "int8", seed=932), "model-int8.onnx")],
+                            config='require = { kind = "jetson" }\n[scaling]\nmin_workers = 1\nmax_workers = 1\n'
+                                   'scale_up_stabilization_s = 0\n[variants.int8]\nfile = "model-int8.onnx"\nsoc = "tegra234"\n')
+    fetching = replace(synced, registry=replace(synced.registry, artifacts_url=edge.url))
+
+    def agent(node: str, files: dict[str, str]) -> None:
+        sysroot = write_sysroot(tmp_path / f"{node}-sys", files)
+        spawn_node_agent(node, replace(fetching, agent=replace(fetching.agent, sysroot=str(sysroot))))
+
+    host, orin = unique("host"), unique("orin")
+    agent(host, HOST)
+    await wait_until(lambda: _node(synced, host), 30, "the host's node record")
+    await spawn_autoscaler(name, "--launcher", "agent")
+    reason = await wait_until(lambda: _decision_reason(synced, name), 30, "a decision")
+    await wait_until(lambda: _passed_over(synced, name, host), 30, "the reason the host was passed over")
+    assert not await live_workers(synced, name), reason
+    agent(orin, ORIN)
+    workers = await wait_until(lambda: _ready_by_node(synced, name, {orin}), 90, "the worker on the Orin")
+    assert workers[orin]["variant"] == "int8" and len(workers) == 1, workers
+
+
+async def _passed_over(settings: Settings, model: str, host: str) -> bool:
+    return f"{host}: does not meet require: kind is 'host', not 'jetson'" in await _decision_reason(settings, model)
+
+
 async def test_a_restarted_agent_starts_again_the_workers_it_ran_before_it_was_killed(
         synced, spawn_node_agent, amqp, tmp_path) -> None:
     node = unique("reboot")
