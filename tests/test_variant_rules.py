@@ -7,6 +7,7 @@ Pure functions over records (no processes); the process-level tests are in test_
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -145,3 +146,47 @@ def test_placement_filters_by_capacity_providers_and_require_and_says_why_each_n
     assert place(nodes, record(), "1", ["tensorrt"]).node == "xavier", "the launcher's own list of required providers"
     with pytest.raises(NoCapacity, match="no edge node has registered"):
         place({}, record(), "1")
+
+
+# --- storing a version directory, and the local launcher ----------------------------------------------------------
+
+
+async def test_a_synced_version_directory_stores_the_variants_it_has_and_refuses_one_with_another_signature(tmp_path) -> None:
+    import shutil
+
+    import onnx
+
+    from inferq.errors import InvalidInput
+    from inferq.runtime.artifacts import FilesystemStore, hash_file
+    from inferq.runtime.demo import build_cnn
+    from inferq.runtime.versions import stored_version
+    from tests.models import write_mlp
+
+    config = ModelConfig.parse('[variants.int8]\nfile = "model-int8.onnx"\nsoc = "tegra234"\n'
+                               '[variants.fp16]\nfile = "model-fp16.onnx"\nkind = "jetson"\n')
+    directory = write_mlp(tmp_path / "m" / "1", seed=41).parent
+    shutil.copy(write_mlp(tmp_path / "int8", seed=42), directory / "model-int8.onnx")
+    store = FilesystemStore(tmp_path / "m")
+    version = await stored_version(store, directory, "m", "test", config)
+    (int8,) = version.variants  # this directory has no model-fp16.onnx: no fp16 variant in this version
+    assert (int8.name, int8.selector, int8.file) == ("int8", {"soc": "tegra234"}, "model-int8.onnx")
+    assert (int8.sha256, int8.size) == (hash_file(directory / "model-int8.onnx").sha256, (directory / "model-int8.onnx").stat().st_size)
+    assert await store.size(int8.sha256) == int8.size, "the variant's bytes are in the store"
+    assert (await stored_version(store, directory, "m", "test")).variants == (), "no [variants] in the config: none stored"
+
+    onnx.save(build_cnn(3), str(directory / "model-fp16.onnx"))
+    with pytest.raises(InvalidInput, match=r"variant 'fp16' \(model-fp16.onnx\) has inputs \[x:float32\[None, 3, 64, 64\]\]"):
+        await stored_version(store, directory, "m", "test", config)
+
+
+async def test_the_local_launcher_refuses_a_model_whose_require_this_host_does_not_meet(tmp_path) -> None:
+    from inferq.actors.launcher import LocalLauncher
+    from inferq.settings import Settings
+    from tests.jetson import HOST, write_sysroot
+
+    settings = Settings()
+    settings = replace(settings, agent=replace(settings.agent, sysroot=str(write_sysroot(tmp_path, HOST))))
+    launcher = LocalLauncher(settings, tmp_path / "logs")
+    with pytest.raises(NoCapacity, match="does not meet the require of m: kind is 'host', not 'jetson'"):
+        await launcher.spawn("m", "1", [], {"kind": "jetson"})
+    assert launcher.running == 0, "nothing was started"
