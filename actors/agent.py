@@ -37,7 +37,7 @@ from inferq.actors.launcher import worker_args, worker_env, worker_log_path, wor
 from inferq.broker.connection import BrokerConnection
 from inferq.broker.control import ControlListener, agent_key
 from inferq.broker.topology import Topology
-from inferq.errors import BrokerError, CodecError, CoordinationError, InferqError, UnknownModel
+from inferq.errors import BrokerError, CodecError, CoordinationError, InferqError, NoCapacity, UnknownModel
 from inferq.runtime.actor import Actor
 from inferq.runtime.catalog import read_model
 from inferq.runtime.coordination import keys, open_etcd
@@ -48,8 +48,8 @@ from inferq.runtime.modelcache import ModelCache
 from inferq.runtime.proof import prove, proven
 from inferq.runtime.records import NodeRecord, VersionRecord, load_json
 from inferq.runtime.supervisor import ChildSpec, Supervisor
-from inferq.runtime.artifacts import MODEL_FILE
-from inferq.runtime.versions import edge_base_url, file_map, matches
+from inferq.runtime.variants import choose_variant, unfit
+from inferq.runtime.versions import edge_base_url, file_map, local_file
 from inferq.settings import Settings
 
 log = logging.getLogger("inferq.agent")
@@ -233,9 +233,10 @@ class Agent(Actor):
     async def _start_worker(self, model: str, version: str) -> None:
         """Fetch the version into the cache, then start and supervise its worker; a failure is logged, not fatal."""
         try:
-            sha256 = await self._fetch(model, version)
+            sha256, variant = await self._fetch(model, version)
             suffix = worker_suffix()  # a restart keeps it (and the log file); the new pid still makes a new id
-            spec = ChildSpec(f"worker {model}:{version} #{next(self._serial)}", tuple(worker_args(model, version, suffix)),
+            shown = f"{model}:{version}" + (f" ({variant})" if variant else "")
+            spec = ChildSpec(f"worker {shown} #{next(self._serial)}", tuple(worker_args(model, version, suffix, variant)),
                              self._env, worker_log_path(self.settings.state_dir / "logs", model, version, suffix),
                              permanent=False)
             await self.workers.add(spec)
@@ -248,25 +249,35 @@ class Agent(Actor):
             self._starting -= 1
         await self._publish_state()
 
-    async def _fetch(self, model: str, version: str) -> str:
-        """The version's files in the model cache (verified); its model file's SHA-256 ("" for a repository-only model)."""
+    async def _fetch(self, model: str, version: str) -> tuple[str, str]:
+        """The files this node runs of a version, in the model cache (verified): (their SHA-256, the variant or "").
+
+        The variant is the one whose device selector fits this node best (none: the default
+        ``model.onnx``); a model whose ``require`` this node does not meet is refused.
+        A repository-only model gives ("", "").
+        """
         s = self.settings
         record, _ = await read_model(self._etcd, s.namespace, model, s.etcd.timeout_s)
         if record is None:
-            return ""  # not in the registry: the worker serves it from the node's model repository, as before
+            return "", ""  # not in the registry: the worker serves it from the node's model repository, as before
         found: VersionRecord | None = record.versions.get(version)
         if found is None:
             raise UnknownModel(f"model {model!r} has no version {version!r} in the registry")
-        if not found.sha256:
-            return ""
-        local = s.model_repository / model / version
-        if (local / MODEL_FILE).is_file() and await asyncio.to_thread(matches, local, found):
-            return found.sha256  # the node's repository has these very bytes: the worker loads them from there
+        me = self._lease.record if self._lease is not None else self._record
+        why = unfit(me, record.require, record.require_providers)
+        if why:
+            raise NoCapacity(f"node {self.node} cannot run {model}: it {why}")
+        chosen = choose_variant(found.variants, me)
+        variant, sha256 = (chosen.name, chosen.sha256) if chosen is not None else ("", found.sha256)
+        if not sha256:
+            return "", variant
+        if await asyncio.to_thread(local_file, s.model_repository, model, version, found, variant) is not None:
+            return sha256, variant  # the node's repository has these very bytes: the worker loads them from there
         headers = {"Authorization": f"Bearer {s.registry.api_key}"} if s.registry.api_key else {}
-        directory = await self.cache.ensure(edge_base_url(s), model, version, file_map(found), headers,
-                                            s.registry.fetch_timeout_s)
-        log.info("%s:%s is in the model cache at %s", model, version, directory)
-        return found.sha256
+        directory = await self.cache.ensure(edge_base_url(s), model, version, file_map(found, variant), headers,
+                                            s.registry.fetch_timeout_s, variant)
+        log.info("%s:%s%s is in the model cache at %s", model, version, f" (variant {variant})" if variant else "", directory)
+        return sha256, variant
 
     async def _trim_cache(self) -> None:
         running = set(self.workers.pids())

@@ -280,7 +280,7 @@ class Autoscaler(Actor):
             if not await self.election.confirm():  # fencing: checked right before each act
                 break
             try:
-                await self.launcher.spawn(key[0], key[1], list(record.require_providers))
+                await self.launcher.spawn(key[0], key[1], list(record.require_providers), dict(record.require))
                 started += 1
             except InferqError as exc:
                 log.warning("cannot start a worker for %s:%s: %s", key[0], key[1], exc)

@@ -115,7 +115,7 @@ class KubernetesLauncher:
         log.info("scaled %s to %d replicas", deployment_name(self.template, model, version), replicas)
         return True
 
-    async def spawn(self, model: str, version: str, requires: list[str]) -> str:
+    async def spawn(self, model: str, version: str, requires: list[str], require: Any = None) -> str:
         """One more replica (the Launcher protocol's way); the autoscaler itself uses :meth:`scale_to`."""
         count = await self.replicas(model, version) + 1
         self._set.pop((model, version), None)

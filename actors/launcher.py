@@ -5,13 +5,17 @@ sent to the worker itself over the control exchange, wherever it runs.
 
 * :class:`LocalLauncher` spawns ``inferq worker`` processes on this host.
 * :class:`AgentLauncher` asks an edge-node agent (``inferq agent``) to spawn
-  one, choosing a node whose providers cover what the model requires.
+  one, on the node :func:`~inferq.runtime.variants.place` picks: free capacity,
+  the model's required providers and ``require`` selector, then variant match,
+  cache warmth and free room.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +27,9 @@ from inferq.runtime.catalog import read_model
 from inferq.runtime.coordination import get_records, keys
 from inferq.runtime.records import NodeRecord
 from inferq.errors import NoCapacity
+from inferq.runtime.device import read_facts
 from inferq.runtime.process import ChildProcess
+from inferq.runtime.variants import mismatch, place
 from inferq.runtime.session import PROVIDER_NAMES
 from inferq.settings import Settings
 
@@ -43,7 +49,7 @@ class Exit:
 class Launcher(Protocol):
     """Starts workers; :meth:`aclose` stops what it started itself."""
 
-    async def spawn(self, model: str, version: str, requires: list[str]) -> str: ...
+    async def spawn(self, model: str, version: str, requires: list[str], require: Mapping[str, str] | None = None) -> str: ...
 
     def reap(self) -> list[Exit]: ...
 
@@ -74,10 +80,15 @@ class LocalLauncher:
         self._children = [entry for entry in self._children if entry[3].returncode is None]
         return [Exit(model, version, child.returncode, _last_line(log_path)) for model, version, log_path, child in gone]
 
-    async def spawn(self, model: str, version: str, requires: list[str]) -> str:
+    async def spawn(self, model: str, version: str, requires: list[str], require: Mapping[str, str] | None = None) -> str:
         missing = set(requires) - set(node_providers())
         if missing:
             raise NoCapacity(f"this host's onnxruntime lacks {sorted(missing)} required by {model}")
+        if require:  # a device selector: this host's facts must match it, as an agent's must
+            facts = await asyncio.to_thread(read_facts, self._settings.agent.sysroot)
+            why = mismatch(require, NodeRecord("localhost", tuple(node_providers()), facts=facts))
+            if why:
+                raise NoCapacity(f"this host does not meet the require of {model}: {why}")
         suffix = worker_suffix()
         log_path = worker_log_path(self._log_dir, model, version, suffix)
         child = await ChildProcess.start(f"worker {model}:{version}", worker_args(model, version, suffix),
@@ -104,9 +115,9 @@ def worker_suffix() -> str:
     return uuid.uuid4().hex[:6]
 
 
-def worker_args(model: str, version: str, suffix: str | None = None) -> list[str]:
-    """The ``inferq`` arguments that run a worker for ``model:version`` (its id ending in ``-<suffix>``)."""
-    args = ["worker", "--model", model, "--version", version]
+def worker_args(model: str, version: str, suffix: str | None = None, variant: str = "") -> list[str]:
+    """The ``inferq`` arguments that run a worker for ``model:version`` (its id ending in ``-<suffix>``, serving ``variant``)."""
+    args = ["worker", "--model", model, "--version", version] + ["--variant", variant] * bool(variant)
     return [*args, "--id-suffix", suffix] if suffix else args
 
 
@@ -137,16 +148,17 @@ class AgentLauncher:
         self._etcd = etcd
         self._topology = Topology(settings.namespace, settings.broker.replicas)
 
-    async def spawn(self, model: str, version: str, requires: list[str]) -> str:
+    async def spawn(self, model: str, version: str, requires: list[str], require: Mapping[str, str] | None = None) -> str:
+        """Send a spawn command to the node :func:`~inferq.runtime.variants.place` picks (the model's ``require`` from its record)."""
         timeout = self._settings.etcd.timeout_s
         nodes = await get_records(self._etcd, keys(self._settings.namespace).nodes, NodeRecord.from_json, timeout)
         record, _ = await read_model(self._etcd, self._settings.namespace, model, timeout)
-        found = record.versions.get(version) if record is not None else None
-        node = place(nodes, requires, found.sha256 if found is not None else "")
+        placement = place(nodes, record, version, requires)
         command = {"command": "spawn", "model": model, "version": version, "request_id": uuid.uuid4().hex}
-        await send(self._connection, self._topology.control, agent_key(node), command)
-        log.info("asked agent %s to spawn %s:%s", node, model, version)
-        return f"agent:{node}"
+        await send(self._connection, self._topology.control, agent_key(placement.node), command)
+        log.info("asked agent %s to spawn %s:%s (%s)", placement.node, model, version,
+                 f"variant {placement.variant}" if placement.variant else "default file")
+        return f"agent:{placement.node}"
 
     def reap(self) -> list[Exit]:
         """Agents supervise their own workers (and report restarts in their node records)."""
@@ -166,11 +178,3 @@ def _last_line(path: Path) -> str:
     return lines[-1][-300:] if lines else ""
 
 
-def place(nodes: dict[str, NodeRecord], requires: list[str], sha256: str = "") -> str:
-    """Among nodes with free capacity whose proven providers cover ``requires``: one that already caches the
-    artifact ``sha256`` (no download), then the one with the most free capacity."""
-    fitting = [(bool(sha256) and sha256 in n.cached, n.free, name) for name, n in nodes.items()
-               if set(requires) <= set(n.providers) and n.free > 0]
-    if not fitting:
-        raise NoCapacity(f"no edge node offers {requires or 'any provider'} with free capacity (nodes: {sorted(nodes)})")
-    return max(fitting)[2]

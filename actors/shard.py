@@ -89,9 +89,11 @@ class Counters:
 class ShardWorker(Actor):
     """Serves one version of one model from its queue."""
 
-    def __init__(self, settings: Settings, entry: ModelEntry, version: str | None = None, id_suffix: str | None = None) -> None:
+    def __init__(self, settings: Settings, entry: ModelEntry, version: str | None = None, id_suffix: str | None = None,
+                 variant: str = "") -> None:
         self.settings = settings
         self.entry = entry
+        self.variant = variant  # the device variant whose file ``entry`` holds ("": the default)
         self.version = entry.version(version)
         self.topology = Topology(settings.namespace, settings.broker.replicas)
         suffix = id_suffix or uuid.uuid4().hex[:6]  # a launcher passes its own: the worker's log file is named with it
@@ -166,6 +168,7 @@ class ShardWorker(Actor):
             pid=os.getpid(), providers=tuple(session.providers if session else ()), state=state,
             started_at=self._started_at, queue=self.queue_name, stats=self.stats.snapshot(self.mailbox.qsize()),
             warmed=self._warmup_error == "", warmup_error=self._warmup_error or "", metrics=self._metrics_address,
+            variant=self.variant,
         )
 
     async def _consume(self) -> None:

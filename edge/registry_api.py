@@ -102,7 +102,9 @@ class RegistryAPI:
             config = ModelConfig.parse(fields["config"], "pushed config.toml") if "config" in fields else None
         except ConfigError as exc:
             raise InvalidInput(str(exc)) from exc
-        pushed = await describe_blobs(self.store, model, files, who)
+        known = await self.registry.get(model)
+        variants_from = config or (ModelConfig.from_dict(dict(known.config)) if known is not None and known.config else None)
+        pushed = await describe_blobs(self.store, model, files, who, variants_from)  # variants as the config names them
         result = await self.registry.register(model, fields.get("version") or None, pushed, config, who, fields.get("reason", ""))
         record = await self.registry.get(model)
         await materialize(self.store, self.settings.model_repository, model, result.version,
@@ -184,7 +186,10 @@ class RegistryAPI:
                       "queued_jobs": "end failed with version_removed once the autoscaler retires the queues"}, 202)
 
     async def artifact(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/models/{m}/versions/{v}/artifact[?file=NAME]``: the bytes, ETag = SHA-256, one Range."""
+        """``GET /v1/models/{m}/versions/{v}/artifact[?variant=V][&file=NAME]``: the bytes, ETag = SHA-256, one Range.
+
+        With ``variant`` the files are that device variant's, its ONNX file served as ``model.onnx``.
+        """
         principal: Principal | None = request.get("principal")
         if self.auth_enabled and principal is not None:
             principal.require_role("downloading a model artifact", "node", "admin")
@@ -193,7 +198,7 @@ class RegistryAPI:
         if version not in record.versions:
             raise UnknownModel(f"model {model!r} has no version {version!r}")
         name = request.query.get("file", MODEL_FILE)
-        files = file_map(record.versions[version])
+        files = file_map(record.versions[version], request.query.get("variant", ""))
         if name not in files or not files[name][0]:
             raise NotFound(f"version {version} of {model!r} has no file {name!r} with a recorded hash (has {sorted(files)})")
         sha256, size = files[name]

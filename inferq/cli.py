@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--model", required=True)
     worker.add_argument("--version", default=None, help="model version (default: the highest)")
     worker.add_argument("--model-repository")
+    worker.add_argument("--variant", default="", help="serve this device variant of the version (agents pass the one they chose)")
     worker.add_argument("--id-suffix", type=_id_suffix, help="last part of the worker id (launchers pass the one in the log file's name)")
     _metrics_port(worker)
     worker.set_defaults(func=_worker)
@@ -271,8 +272,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
     # From the registry: the repository's files when they are the recorded bytes, else fetched from the edge.
     settings = _with_metrics(settings, args)
-    entry = _run(load_entry(settings, args.model, args.version))
-    return _run_actor(ShardWorker(settings, entry, args.version, args.id_suffix), args)
+    entry = _run(load_entry(settings, args.model, args.version, args.variant))
+    return _run_actor(ShardWorker(settings, entry, args.version, args.id_suffix, args.variant), args)
 
 
 def _id_suffix(text: str) -> str:

@@ -34,12 +34,14 @@ def add_commands(msub: Any, client: argparse.ArgumentParser) -> None:
     push.add_argument("path", help="a model.onnx (or any .onnx) file, or a directory holding model.onnx and its external data")
     push.add_argument("--model", required=True)
     push.add_argument("--version", help="the version number (default: one above every version the model has had)")
-    push.add_argument("--config", help="the model's config.toml")
+    # Its own dest: "config" is the global --config (the settings file), which this would overwrite.
+    push.add_argument("--config", dest="model_config", help="the model's config.toml")
     push.set_defaults(func=_command, command=push_command)
 
     pull = msub.add_parser("pull", parents=[client], help="download a version's files, verifying their SHA-256")
     pull.add_argument("target", metavar="NAME[:VERSION|:ALIAS]")
     pull.add_argument("directory")
+    pull.add_argument("--variant", default="", help="the files of this device variant (its ONNX file saved as model.onnx)")
     pull.set_defaults(func=_command, command=pull_command)
 
     show = msub.add_parser("show", parents=[client], help="a model's document: versions, aliases, traffic, health, history")
@@ -163,9 +165,34 @@ def artifact_files(path: Path) -> list[tuple[Path, str]]:
     return [(main, MODEL_FILE)] + [(main.parent / name, name) for name in extra]
 
 
+def variant_files(main: Path, config_text: str | None) -> list[tuple[Path, str]]:
+    """The ``[variants]`` files the config names that lie beside the model file (and their external data)."""
+    if not config_text:
+        return []
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10 (JetPack 6)
+        import tomli as tomllib
+    try:
+        tables = tomllib.loads(config_text).get("variants") or {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"bad config.toml: {exc}") from exc
+    names = [t.get("file") for t in tables.values() if isinstance(t, dict) and isinstance(t.get("file"), str)]
+    found = []
+    for name in names:
+        if (main.parent / name).is_file():
+            found += [pair for pair in artifact_files(main.parent / name) if pair[1] != MODEL_FILE] + [(main.parent / name, name)]
+        else:
+            log.warning("%s is not beside %s: this version is pushed without that variant", name, main)
+    return found
+
+
 async def push_command(settings: Settings, args: argparse.Namespace) -> int:
     files = artifact_files(Path(args.path))
-    config = Path(args.config).read_text() if args.config else None
+    config = Path(args.model_config).read_text() if args.model_config else None
+    files += [f for f in variant_files(files[0][0], config) if f[1] not in {n for _, n in files}]
     if args.direct:
         result = await _push_direct(settings, args, files, config)
     else:
@@ -186,7 +213,9 @@ async def _push_direct(settings: Settings, args: argparse.Namespace, files: list
 
     async def push(registry: Any) -> dict[str, Any]:
         blobs = {name: await registry.store.put_file(path) for path, name in files}
-        described = await describe_blobs(registry.store, args.model, blobs, _who(args))
+        known = await registry.get(args.model)
+        variants_from = parsed or (ModelConfig.from_dict(dict(known.config)) if known is not None and known.config else None)
+        described = await describe_blobs(registry.store, args.model, blobs, _who(args), variants_from)
         pushed = await registry.register(args.model, args.version, described, parsed, _who(args), args.reason)
         await materialize(registry.store, settings.model_repository, args.model, pushed.version,
                           {n: b.sha256 for n, b in blobs.items()}, config)
@@ -213,16 +242,29 @@ async def pull_command(settings: Settings, args: argparse.Namespace) -> int:
     async with RegistryClient(edge_url(settings, args.url), args.api_key) as registry:
         doc = await registry.model(model)
         version = _resolve(doc, wanted)
-        record = doc["versions"][version]
+        record = _variant(doc["versions"][version], args.variant, f"{model}:{version}")
         files = {MODEL_FILE: (record.get("sha256"), record.get("size"))}
         files.update({f["name"]: (f["sha256"], f["size"]) for f in record.get("files") or []})
         if not files[MODEL_FILE][0]:
             raise InvalidInput(f"{model}:{version} has no recorded sha256 to verify a download against; run 'inferq models sync'")
         directory = Path(args.directory)
         for name, (sha256, size) in files.items():
-            await fetch(registry.session, artifact_url(registry.url, model, version, name), directory / name, sha256, size)
-    print(f"{model}:{version} in {directory} ({len(files)} file(s), sha256 verified)")
+            await fetch(registry.session, artifact_url(registry.url, model, version, name, args.variant), directory / name,
+                        sha256, size)
+    shown = f"{model}:{version}" + (f" variant {args.variant}" if args.variant else "")
+    print(f"{shown} in {directory} ({len(files)} file(s), sha256 verified)")
     return 0
+
+
+def _variant(version: dict[str, Any], name: str, what: str) -> dict[str, Any]:
+    """The version's document, or that of its variant ``name`` (which has sha256, size and files as a version has)."""
+    if not name:
+        return version
+    for variant in version.get("variants") or []:
+        if variant.get("name") == name:
+            return variant
+    known = [v.get("name") for v in version.get("variants") or []]
+    raise InvalidInput(f"{what} has no variant {name!r} (has {known or 'none'})")
 
 
 def _resolve(doc: dict[str, Any], wanted: str | None) -> str:

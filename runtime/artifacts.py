@@ -315,10 +315,11 @@ def _hash_prefix(path: Path) -> Any:
     return digest
 
 
-def artifact_url(base: str, model: str, version: str, name: str = MODEL_FILE) -> str:
-    """Where the edge serves one file of a version."""
+def artifact_url(base: str, model: str, version: str, name: str = MODEL_FILE, variant: str = "") -> str:
+    """Where the edge serves one file of a version (of one of its device variants with ``variant``)."""
     url = f"{base.rstrip('/')}/v1/models/{model}/versions/{version}/artifact"
-    return url if name == MODEL_FILE else f"{url}?file={name}"
+    query = [f"variant={variant}"] * bool(variant) + [f"file={name}"] * (name != MODEL_FILE)
+    return f"{url}?{'&'.join(query)}" if query else url
 
 
 class ArtifactCache:
@@ -336,8 +337,8 @@ class ArtifactCache:
 
     async def ensure(self, session: aiohttp.ClientSession, base_url: str, model: str, version: str,
                      files: Mapping[str, tuple[str, int]], headers: Mapping[str, str] | None = None,
-                     timeout_s: float = 60.0) -> Path:
-        """The local directory of a version, fetched and verified if not already cached; ``files``: name -> (sha, size)."""
+                     timeout_s: float = 60.0, variant: str = "") -> Path:
+        """The local directory of a version (or variant), fetched and verified if not already cached; ``files``: name -> (sha, size)."""
         directory = self.directory(files[MODEL_FILE][0])
         if (directory / ".verified").exists():
             return directory
@@ -346,6 +347,6 @@ class ArtifactCache:
             if target.exists() and (await asyncio.to_thread(hash_file, target)).sha256 == sha256:
                 continue
             log.info("fetching %s:%s %s (%d bytes)", model, version, name, size)
-            await fetch(session, artifact_url(base_url, model, version, name), target, sha256, size, headers, timeout_s)
+            await fetch(session, artifact_url(base_url, model, version, name, variant), target, sha256, size, headers, timeout_s)
         (directory / ".verified").touch()
         return directory

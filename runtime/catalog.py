@@ -26,6 +26,7 @@ def config_fields(config: ModelConfig) -> dict[str, Any]:
         "allow_nan": config.allow_nan,
         "providers": tuple(config.providers),
         "require_providers": tuple(config.require_providers),
+        "require": dict(config.require),
         "scaling": dict(config.scaling),
         "config": json.loads(json.dumps(config.to_dict())),  # as etcd will give it back: lists, not tuples
     }

@@ -82,7 +82,8 @@ async def _push_entry(settings: Settings, registry: Registry, entry: ModelEntry,
             log.warning("model %s version %s was removed from the registry; its directory is not synced again", entry.name, version)
             continue
         try:
-            pushed = await stored_version(registry.store, settings.model_repository / entry.name / version, entry.name, who)
+            pushed = await stored_version(registry.store, settings.model_repository / entry.name / version, entry.name, who,
+                                          entry.config)
             await registry.register(entry.name, version, pushed, entry.config if has_config else None, who, "models sync")
         except (Conflict, InvalidInput) as exc:
             errors.append(f"{entry.name}:{version}: {exc}")

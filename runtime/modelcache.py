@@ -39,13 +39,13 @@ class ModelCache:
         self._cache = ArtifactCache(root)
 
     async def ensure(self, base_url: str, model: str, version: str, files: Mapping[str, tuple[str, int]],
-                     headers: Mapping[str, str], timeout_s: float) -> Path:
-        """The verified directory of a version, downloading what is missing (retried up to ``attempts`` times)."""
+                     headers: Mapping[str, str], timeout_s: float, variant: str = "") -> Path:
+        """The verified directory of a version (or variant), downloading what is missing (retried up to ``attempts`` times)."""
         delay = self.backoff_s
         for attempt in range(1, self.attempts + 1):
             try:
                 async with aiohttp.ClientSession() as session:
-                    directory = await self._cache.ensure(session, base_url, model, version, files, headers, timeout_s)
+                    directory = await self._cache.ensure(session, base_url, model, version, files, headers, timeout_s, variant)
                 break
             except NotFound:
                 raise

@@ -112,6 +112,7 @@ class WorkerRecord:
     warmed: bool = False  # its warm-up inference (a sample built from the signature) succeeded
     warmup_error: str = ""  # why the warm-up inference failed, if it did
     metrics: str = ""  # host:port of its /metrics ("" when off): GET /v1/metrics/targets lists it
+    variant: str = ""  # the device variant of its version it runs ("": the default model.onnx)
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
@@ -179,6 +180,28 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class VariantRecord:
+    """A device variant of a version (an INT8 or FP16 file for a Jetson): its selector and content.
+
+    ``sha256``/``size`` are those of its ONNX file, served as ``model.onnx`` of the variant;
+    ``files`` its external data. Its signature is the version's (refused at push otherwise).
+    """
+
+    name: str
+    selector: Mapping[str, str]
+    sha256: str
+    size: int
+    file: str = ""  # its name in the version directory (model-int8.onnx)
+    files: tuple[FileRecord, ...] = ()
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> VariantRecord:
+        files = lambda items: tuple(FileRecord.from_dict(d) for d in items)  # noqa: E731
+        selector = lambda d: {str(k): str(v) for k, v in dict(d).items()}  # noqa: E731
+        return build(cls, doc, "model variant", selector=selector, files=files)
+
+
+@dataclass(frozen=True)
 class VersionRecord:
     """One immutable version: its signature and the content of its artifact.
 
@@ -194,18 +217,30 @@ class VersionRecord:
     created_at: float = 0.0
     created_by: str = ""
     files: tuple[FileRecord, ...] = ()
+    variants: tuple[VariantRecord, ...] = ()  # device variants, in the config's declaration order
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> VersionRecord:
         specs = lambda items: tuple(TensorSpec.from_dict(d) for d in items)  # noqa: E731
         files = lambda items: tuple(FileRecord.from_dict(d) for d in items)  # noqa: E731
-        return build(cls, doc, "model version", inputs=specs, outputs=specs, files=files)
+        variants = lambda items: tuple(VariantRecord.from_dict(d) for d in items)  # noqa: E731
+        return build(cls, doc, "model version", inputs=specs, outputs=specs, files=files, variants=variants)
 
     def to_dict(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
         doc["inputs"] = [s.to_dict() for s in self.inputs]
         doc["outputs"] = [s.to_dict() for s in self.outputs]
+        doc["variants"] = [dict(dataclasses.asdict(v), selector=dict(v.selector)) for v in self.variants]
         return doc
+
+    def variant(self, name: str) -> VariantRecord:
+        """The variant called ``name``; NotFound naming the ones there are."""
+        from inferq.errors import NotFound
+
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise NotFound(f"no variant {name!r} (has {[v.name for v in self.variants] or 'none'})")
 
     def same_signature(self, other: VersionRecord) -> bool:
         """Whether jobs for one version fit the other: the same inputs and outputs (names, dtypes, shapes)."""
@@ -213,7 +248,7 @@ class VersionRecord:
 
     def same_content(self, other: VersionRecord) -> bool:
         """Whether both are the same bytes (what makes a repeated push a no-op)."""
-        return (self.sha256, self.size, self.files) == (other.sha256, other.size, other.files)
+        return (self.sha256, self.size, self.files, self.variants) == (other.sha256, other.size, other.files, other.variants)
 
 
 @dataclass(frozen=True)
@@ -311,6 +346,7 @@ class ModelRecord:
     allow_nan: bool = True
     providers: tuple[str, ...] = ()
     require_providers: tuple[str, ...] = ()
+    require: Mapping[str, str] = field(default_factory=dict)  # a device selector every node running it must match
     scaling: Mapping[str, Any] = field(default_factory=dict)
     aliases: Mapping[str, AliasRecord] = field(default_factory=dict)
     traffic: Mapping[str, int] = field(default_factory=dict)
@@ -355,7 +391,7 @@ class ModelRecord:
 
         shadow = lambda d: None if d is None else ShadowRecord.from_dict(d)  # noqa: E731
         record = build(cls, load_json(raw, "model record"), "model record", versions=versions, aliases=aliases,
-                       traffic=traffic, shadow=shadow, providers=tuple, require_providers=tuple, scaling=dict, config=dict,
+                       traffic=traffic, shadow=shadow, providers=tuple, require_providers=tuple, require=dict, scaling=dict, config=dict,
                        removed=tuple, stages=lambda items: tuple(StageRecord.from_dict(d) for d in items))
         if record.kind not in (MODEL, PIPELINE):
             raise CodecError(f"model record {record.name!r}: unknown kind {record.kind!r}")

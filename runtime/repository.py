@@ -20,6 +20,7 @@ else:  # Python 3.10 (JetPack 6)
 
 from inferq.broker.topology import VERSION_RE, QueueLimits, check_model_name
 from inferq.errors import ConfigError, UnknownModel
+from inferq.runtime.variants import VariantConfig, check_selector, parse_variants
 
 log = logging.getLogger("inferq.repository")
 
@@ -74,6 +75,8 @@ class ModelConfig:
     allow_nan: bool = True
     run_timeout_s: float = 60.0  # one session run; past it ORT is told to stop and the job fails
     require_providers: tuple[str, ...] = ()
+    require: dict[str, str] = field(default_factory=dict)  # a device selector every node running it must match
+    variants: dict[str, VariantConfig] = field(default_factory=dict)  # [variants.NAME]: a file per device selector
     queue: QueueLimits = field(default_factory=QueueLimits)
     retry: RetryConfig = field(default_factory=RetryConfig)
     scaling: dict[str, Any] = field(default_factory=dict)
@@ -106,14 +109,20 @@ class ModelConfig:
                 providers=tuple(raw.pop("providers", DEFAULT_PROVIDERS)),
                 queue=QueueLimits(**raw.pop("queue", {})),
                 require_providers=tuple(raw.pop("require_providers", ())),
+                require=check_selector(raw.pop("require", {}), f"{what}: require", empty_ok=True),
+                variants=parse_variants(raw.pop("variants", {})),
                 retry=_retry(raw.pop("retry", {})),
                 **raw,
             )
         except TypeError as exc:
             raise ConfigError(f"bad {what}: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"bad {what}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        doc["variants"] = {name: v.to_dict() for name, v in self.variants.items()}  # the TOML shape, which from_dict reads
+        return doc
 
 
 def _retry(raw: dict[str, Any]) -> RetryConfig:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -430,6 +431,90 @@ async def test_a_corrupted_artifact_download_is_rejected_and_retried_until_the_b
     await wait_until(lambda: _ready_worker(synced, name), 60, "the worker, once a download verified")
     cached = tmp_path / f"{node}-state" / "artifacts" / digest / "model.onnx"
     assert cached.read_bytes() == data and not cached.with_name("model.onnx.part").exists()
+
+
+# ---- variants: an Orin runs the tegra234 variant, a host the default ------------------------------------------------
+
+
+async def _ready_by_node(settings: Settings, model: str, nodes: set[str]) -> dict[str, dict] | None:
+    ready = {w["node"]: w for w in (await live_workers(settings, model)).values() if w["state"] == "ready"}
+    return ready if set(ready) >= nodes else None
+
+
+async def test_an_orin_agent_runs_the_tegra234_variant_and_a_host_agent_the_default_each_fetched_by_its_sha256(
+        synced, spawn_edge, spawn_node_agent, amqp, http, tmp_path) -> None:
+    name = unique("variant")
+    default, int8 = write_mlp(tmp_path / "v1", seed=921), write_mlp(tmp_path / "int8", seed=922)  # other weights, other outputs
+    edge = await spawn_edge()
+    async with RegistryClient(edge.url) as registry:
+        await registry.push(name, [(default, "model.onnx"), (int8, "model-int8.onnx")],
+                            config='[variants.int8]\nfile = "model-int8.onnx"\nsoc = "tegra234"\n')
+    orin, host = unique("orin"), unique("host")
+    fetching = replace(synced, registry=replace(synced.registry, artifacts_url=edge.url))
+    for node, files in ((orin, ORIN), (host, HOST)):
+        sysroot = write_sysroot(tmp_path / f"{node}-sys", files)
+        spawn_node_agent(node, replace(fetching, agent=replace(fetching.agent, sysroot=str(sysroot))))
+        await wait_until(lambda: _node(synced, node), 30, f"the node record of {node}")
+        await send(amqp.connection, amqp.topology.control, agent_key(node), {"command": "spawn", "model": name, "version": "1"})
+    workers = await wait_until(lambda: _ready_by_node(synced, name, {orin, host}), 90, "a ready worker on each node")
+    assert (workers[orin]["variant"], workers[host]["variant"]) == ("int8", ""), workers
+    for node, path in ((orin, int8), (host, default)):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert (tmp_path / f"{node}-state" / "artifacts" / digest / "model.onnx").read_bytes() == path.read_bytes()
+    async with http.get(f"{edge.url}/v1/models/{name}") as resp:
+        shown = {w["node"]: w["variant"] for w in (await resp.json())["workers"]}
+    assert shown == {orin: "int8", host: ""}, "GET /v1/models/{m} says which variant each worker runs"
+
+    inputs = [sample("mlp", seed=i) for i in range(200)]
+    ids = [await amqp.submit(name, {"x": x}, job_id=f"{name}-{i}") for i, x in enumerate(inputs)]
+    results = await amqp.wait_results(ids, 60)
+    references = {"int8": ort.InferenceSession(str(int8)), "default": ort.InferenceSession(str(default))}
+    ran = Counter()
+    for i, job_id in enumerate(ids):
+        assert results[job_id]["status"] == "succeeded", results[job_id]
+        got = amqp.outputs(results[job_id])["probs"]
+        expected = {k: ref.run(None, {"x": inputs[i]})[0] for k, ref in references.items()}
+        assert not np.allclose(expected["int8"], expected["default"], rtol=1e-3), "the two files give other outputs"
+        (which,) = [k for k, want in expected.items() if np.allclose(got, want, rtol=1e-5, atol=1e-6)]
+        ran[which] += 1
+    assert set(ran) == {"int8", "default"} and sum(ran.values()) == len(ids), ran  # both nodes served, each its own file
+
+
+async def _decision_reason(settings: Settings, model: str) -> str:
+    async with open_etcd(settings.etcd) as client:
+        raw = await client.get(f"{keys(settings.namespace).decisions}{model}.1".encode())
+    return json.loads(raw.value)["reason"] if raw else ""
+
+
+async def test_the_autoscaler_places_a_model_requiring_a_jetson_only_on_one_and_says_why_each_other_node_was_passed_over(
+        synced, spawn_edge, spawn_node_agent, spawn_autoscaler, tmp_path) -> None:
+    name = unique("jetsononly")
+    edge = await spawn_edge()
+    async with RegistryClient(edge.url) as registry:
+        await registry.push(name, [(write_mlp(tmp_path / "v1", seed=931), "model.onnx"),
+                                   (write_mlp(tmp_path / "int8", seed=932), "model-int8.onnx")],
+                            config='require = { kind = "jetson" }\n[scaling]\nmin_workers = 1\nmax_workers = 1\n'
+                                   'scale_up_stabilization_s = 0\n[variants.int8]\nfile = "model-int8.onnx"\nsoc = "tegra234"\n')
+    fetching = replace(synced, registry=replace(synced.registry, artifacts_url=edge.url))
+
+    def agent(node: str, files: dict[str, str]) -> None:
+        sysroot = write_sysroot(tmp_path / f"{node}-sys", files)
+        spawn_node_agent(node, replace(fetching, agent=replace(fetching.agent, sysroot=str(sysroot))))
+
+    host, orin = unique("host"), unique("orin")
+    agent(host, HOST)
+    await wait_until(lambda: _node(synced, host), 30, "the host's node record")
+    await spawn_autoscaler(name, "--launcher", "agent")
+    reason = await wait_until(lambda: _decision_reason(synced, name), 30, "a decision")
+    await wait_until(lambda: _passed_over(synced, name, host), 30, "the reason the host was passed over")
+    assert not await live_workers(synced, name), reason
+    agent(orin, ORIN)
+    workers = await wait_until(lambda: _ready_by_node(synced, name, {orin}), 90, "the worker on the Orin")
+    assert workers[orin]["variant"] == "int8" and len(workers) == 1, workers
+
+
+async def _passed_over(settings: Settings, model: str, host: str) -> bool:
+    return f"{host}: does not meet require: kind is 'host', not 'jetson'" in await _decision_reason(settings, model)
 
 
 async def test_a_restarted_agent_starts_again_the_workers_it_ran_before_it_was_killed(

@@ -7,10 +7,10 @@ import signal
 
 import pytest
 
-from inferq.actors.launcher import place
 from inferq.actors.policy import Recommender
 from inferq.errors import NoCapacity
-from inferq.runtime.records import NodeRecord
+from inferq.runtime.records import ModelRecord, NodeRecord, VersionRecord
+from inferq.runtime.variants import place
 from inferq.settings import ScalingPolicy
 from inferq.runtime.coordination import keys, open_etcd
 from tests.conftest import sample, set_policy
@@ -35,18 +35,20 @@ def test_placement_respects_required_providers_and_capacity() -> None:
     nodes = {"gpu": NodeRecord("gpu", ("cuda", "cpu"), capacity=2, workers=1),
              "cpu": NodeRecord("cpu", ("cpu",), capacity=4, workers=0),
              "full": NodeRecord("full", ("tensorrt", "cuda", "cpu"), capacity=1, workers=1)}
-    assert place(nodes, ["cuda"]) == "gpu"
-    assert place(nodes, []) == "cpu"
+    model = ModelRecord("m", "1", {"1": VersionRecord((), ())})
+    assert place(nodes, model, "1", ["cuda"]).node == "gpu"
+    assert place(nodes, model, "1").node == "cpu"
     with pytest.raises(NoCapacity):
-        place(nodes, ["tensorrt"])
+        place(nodes, model, "1", ["tensorrt"])
 
 
 def test_placement_prefers_a_node_that_already_caches_the_artifact_over_more_free_capacity() -> None:
     warm, cold = "a" * 64, "b" * 64
     nodes = {"warm": NodeRecord("warm", ("cpu",), capacity=2, workers=1, cached=(warm,)),
              "roomy": NodeRecord("roomy", ("cpu",), capacity=8, workers=0)}
-    assert place(nodes, [], warm) == "warm"
-    assert place(nodes, [], cold) == "roomy"
+    model = lambda sha: ModelRecord("m", "1", {"1": VersionRecord((), (), sha)})  # noqa: E731
+    assert place(nodes, model(warm), "1").node == "warm"
+    assert place(nodes, model(cold), "1").node == "roomy"
 
 
 async def test_backlog_scales_from_zero_to_several_workers_and_back_to_zero(synced, spawn_autoscaler, amqp) -> None:

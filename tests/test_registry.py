@@ -366,6 +366,45 @@ async def test_artifacts_download_with_their_sha256_verified_and_a_corrupted_dow
     assert (await poll(http, edge.url, accepted["job_id"]))["status"] == "succeeded"
 
 
+VARIANT_CONFIG = '[variants.int8]\nfile = "model-int8.onnx"\nsoc = "tegra234"\n'
+
+
+async def test_a_device_variant_is_pushed_beside_the_default_served_and_pulled_by_name_and_another_signature_is_refused(
+        synced, spawn_edge, http, tmp_path) -> None:
+    import onnx
+
+    from inferq.runtime.demo import build_cnn
+
+    name = unique("variants")
+    default = write_mlp(tmp_path / "v1", seed=701)
+    int8 = shutil.copy(write_mlp(tmp_path / "int8", seed=702), default.parent / "model-int8.onnx")
+    (tmp_path / "config.toml").write_text(VARIANT_CONFIG)
+    edge = await spawn_edge()
+    code, out = await run_cli(synced, tmp_path, "models", "push", str(default.parent), "--model", name,
+                              "--config", str(tmp_path / "config.toml"), "--url", edge.url)
+    assert code == 0 and f"{name}:1 pushed" in out, out
+    digest = hashlib.sha256(Path(int8).read_bytes()).hexdigest()
+    (variant,) = (await document(http, edge.url, name))["versions"]["1"]["variants"]
+    assert (variant["name"], variant["selector"], variant["sha256"], variant["file"]) == \
+        ("int8", {"soc": "tegra234"}, digest, "model-int8.onnx")
+    url = f"{edge.url}/v1/models/{name}/versions/1/artifact"
+    async with http.get(url, params={"variant": "int8"}) as resp:
+        assert resp.status == 200 and resp.headers["ETag"] == f'"{digest}"' and await resp.read() == Path(int8).read_bytes()
+    async with http.get(url, params={"variant": "fp16"}) as resp:
+        assert resp.status == 404 and "no variant 'fp16'" in (await resp.json())["error"]["message"]
+    code, out = await run_cli(synced, tmp_path, "models", "pull", f"{name}:1", str(tmp_path / "pulled"), "--variant", "int8",
+                              "--url", edge.url)
+    assert code == 0 and "variant int8" in out and "sha256 verified" in out, out
+    assert (tmp_path / "pulled" / "model.onnx").read_bytes() == Path(int8).read_bytes()
+
+    other = tmp_path / "cnn.onnx"
+    onnx.save(build_cnn(7), str(other))  # another input and output: jobs for the version would not fit it
+    async with RegistryClient(edge.url) as registry:
+        with pytest.raises(InvalidInput, match="a variant must take and give the same tensors as the default"):
+            await registry.push(name, [(write_mlp(tmp_path / "v2", seed=703), "model.onnx"), (other, "model-int8.onnx")])
+        assert set((await registry.model(name))["versions"]) == {"1"}, "nothing of the refused push was recorded"
+
+
 async def test_with_api_keys_only_nodes_and_admins_download_artifacts_and_only_admins_push(synced, spawn_edge, http, tmp_path) -> None:
     name = unique("roles")
     path = write_mlp(tmp_path / "v1", seed=701)
