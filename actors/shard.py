@@ -474,6 +474,8 @@ class WorkerCollector:
         yield gauge("nv_inference_pending_request_count", "jobs at this worker not yet finished (prefetched and running)",
                     [({"model": w.entry.name, "version": w.version.version}, w.stats.inflight + w.mailbox.qsize())])
         yield gauge("inferq_worker_batches", "batches this worker ran", [(labels, w.stats.batches)], kind="counter")
+        yield gauge("inferq_worker_spooled_batches", "finished batches on disk until the ledger takes their results",
+                    [(labels, w._spool.pending if w._spool is not None else 0)])
         yield gauge("inferq_worker_state", "this worker's state (1 for the current one)",
                     [({**labels, "state": s}, int(s == state)) for s in ("starting", "warming", "ready", "draining")])
 
