@@ -25,7 +25,7 @@ test: services
 test-py310: services
 	[ -x .venv310/bin/python ] || $(PYTHON310) -m venv .venv310
 	.venv310/bin/pip install -q -e '.[server,test]'
-	.venv310/bin/python -m pytest -q tests/test_agent.py tests/test_shard.py tests/test_supervision.py tests/test_webhooks.py $(PYTEST_ARGS)
+	.venv310/bin/python -m pytest -q tests/test_agent.py tests/test_shard.py tests/test_supervision.py tests/test_webhooks.py tests/test_spool.py $(PYTEST_ARGS)
 
 # The broker-SIGKILL soak: a RabbitMQ node of the test's own killed 9 times in 180 s under load, 5 runs (~20 min).
 soak: services

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from inferq.actors.kube import KubernetesLauncher, deployment_name, open_in_cluster
 from inferq.actors.keeper import RegistryKeeper
 from inferq.actors.launcher import AgentLauncher, Launcher, LocalLauncher, drain
-from inferq.actors.launches import LaunchBook
+from inferq.actors.launches import LaunchBook, counted
 from inferq.actors.policy import Recommender
 from inferq.broker.connection import BrokerConnection
 from inferq.broker.topology import Topology
@@ -238,9 +238,9 @@ class Autoscaler(Actor):
         if counts is None:
             return
         now = time.monotonic()
-        live = [w for w in members if w.serving and w.worker_id not in self._draining]
+        live, present = counted(members, self._draining)  # warming workers are coming: counted, never drained
         backlog = counts[0] + sum(w.stats.inflight for w in members)
-        current = self.launches.current(key, len(live), now)
+        current = self.launches.current(key, present, now)
         desired, reason = self._recommenders.setdefault(key, Recommender()).decide(policy, now, backlog, current)
         held = self.launches.held(key, now) if desired > current else None
         decision = Decision(record.name, version, backlog, current, desired, held or reason, consumers=counts[1])
@@ -250,7 +250,7 @@ class Autoscaler(Actor):
         if isinstance(self.launcher, KubernetesLauncher):
             await self._set_replicas(record, version, desired)
         elif desired > current and held is None:
-            await self._spawn(key, record, desired - current, len(live))
+            await self._spawn(key, record, desired - current, present)
         elif desired < current:
             await self._drain(live, current - desired)
 
@@ -274,7 +274,7 @@ class Autoscaler(Actor):
             log.warning("cannot scale %s:%s to %d: %s", record.name, version, desired, exc)
             self.launches.failed((record.name, version), str(exc), time.monotonic())
 
-    async def _spawn(self, key: tuple[str, str], record: ModelRecord, count: int, live: int) -> None:
+    async def _spawn(self, key: tuple[str, str], record: ModelRecord, count: int, present: int) -> None:
         started = 0
         for _ in range(count):
             if not await self.election.confirm():  # fencing: checked right before each act
@@ -287,7 +287,7 @@ class Autoscaler(Actor):
                 self.launches.failed(key, str(exc), time.monotonic())
                 break
         if started:
-            self.launches.launched(key, live, started, time.monotonic())
+            self.launches.launched(key, present, started, time.monotonic())
 
     async def _drain(self, live: list[WorkerRecord], count: int) -> None:
         # Idle workers first, then the least busy; the youngest among equals.

@@ -2,7 +2,9 @@
 
 Every job ends in exactly one place of the :class:`Outcome`: a final event
 (acked once the event is durable), a malformed delivery (rejected), or a retry
-(republished to the retry queue). A bad job fails alone: a malformed message,
+(republished to the retry queue), or the event it ended with in an earlier
+run whose results were spooled (:mod:`inferq.actors.spool`): a redelivered job
+whose event is spooled is not run again. A bad job fails alone: a malformed message,
 an input that does not fit, an output the codec cannot carry or a run that
 breaks a batched group (the group is rerun job by job). Suspect jobs, back
 from a worker that died, run alone with their start counted first
@@ -24,6 +26,7 @@ import aio_pika
 from inferq.actors.attempts import StartBook, poisoned
 from inferq.actors.cancels import CancelSet
 from inferq.actors.planner import Group, plan
+from inferq.actors.spool import Spool
 from inferq.broker.codec import encode_tensor
 from inferq.broker.handback import remaining_ttl
 from inferq.broker.identity import Verdict
@@ -58,6 +61,9 @@ class Outcome:
     # Pipeline jobs done with this stage: (delivery, the next stage's job, this stage's event). Each is
     # published (confirmed) before the batch's events are written and its delivery acked.
     forwards: list[tuple[Delivery, JobRequest, JobEvent]] = field(default_factory=list)
+    # Events of jobs that ended in an earlier run, spooled: already recorded (the spool flushes them), so
+    # they are not written with ``final`` and not counted again.
+    recorded: list[JobEvent] = field(default_factory=list)
 
     def forward(self, delivery: Delivery, request: JobRequest, event: JobEvent) -> None:
         self.final.append(event)
@@ -72,6 +78,12 @@ class Outcome:
     def end(self, delivery: Delivery, event: JobEvent) -> None:
         self.final.append(event)
         self.by_delivery[id(delivery)] = event
+
+    def recall(self, delivery: Delivery, event: JobEvent) -> None:
+        """A job that ran before and whose event was spooled: it ends with that event, not run again."""
+        self.recorded.append(event)
+        if event.status.terminal:  # a pipeline stage's event: the job went on to its next stage then
+            self.by_delivery[id(delivery)] = event
 
     def replace_too_large(self, job_ids: set[str], reason: str) -> None:
         """Turn the final events of ``job_ids`` into ``output_too_large`` failures without their outputs."""
@@ -99,6 +111,7 @@ class Context:
     gate: asyncio.Lock = field(default_factory=asyncio.Lock)  # held around each session run
     tenancy: Tenancy | None = None  # None: every job is its header's tenant's, as with auth off
     max_intermediate_bytes: int = 8 * 1024 * 1024  # what a pipeline stage may pass on (jobs.max_intermediate_bytes)
+    spool: Spool | None = None  # the worker's result spool: jobs whose events it holds are not run again
 
 
 class BatchRun:
@@ -113,10 +126,12 @@ class BatchRun:
         self._prior: dict[str, int] = {}  # deadly starts recorded for a suspect before this one
         self._verdicts: dict[int, Verdict] = {}
         self._carried: dict[str, dict[str, Any]] = {}  # a pipeline job's tensors, for the stages after this one
+        self._recalled: dict[str, JobEvent] = {}  # spooled events of jobs in this batch that ran before
 
     async def run(self) -> Outcome:
         if self.ctx.tenancy is not None:  # whose each job is, before anything is done with it
             self._verdicts = await self.ctx.tenancy.judge(self.deliveries)
+        self._recalled = await self._recall()
         fresh, suspects = self._decode()
         if suspects:
             counts = [delivery_count(d) for d, _ in suspects]
@@ -136,6 +151,17 @@ class BatchRun:
         if requests:
             self.out.running.append(asyncio.ensure_future(self.ctx.ledger.write([self._event(r, RUNNING) for r in requests])))
 
+    async def _recall(self) -> dict[str, JobEvent]:
+        spool = self.ctx.spool
+        if spool is None:
+            return {}
+        held = [d.message_id for d in self.deliveries if d.message_id and spool.holds(d.message_id)]
+        recalled = await spool.recall(held) if held else {}
+        if recalled:
+            log.info("%d redelivered job(s) end with the events spooled when they ran before, not run again (e.g. %s)",
+                     len(recalled), next(iter(recalled)))
+        return recalled
+
     def _decode(self) -> tuple[list[Job], list[Job]]:
         fresh, suspects = [], []
         for delivery in self.deliveries:
@@ -146,6 +172,9 @@ class BatchRun:
                 request = JobRequest.from_message(delivery)
             except CodecError as exc:
                 self._malformed(delivery, exc, verdict.tenant if verdict else None)
+                continue
+            if request.job_id in self._recalled:
+                self.out.recall(delivery, self._recalled[request.job_id])
                 continue
             if verdict is not None:
                 request = replace(request, tenant=verdict.tenant)

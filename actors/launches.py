@@ -5,11 +5,18 @@ cannot use) must not be re-spawned in a tight loop. Each failure, and each
 launch that never registered within the grace period, doubles the wait before
 the next launch (1 s up to 60 s); a worker that registers clears the record.
 The last reason is kept, so the autoscaler's decision can say why it waits.
+
+A worker registered as warming (loading its model, building a TensorRT engine,
+which can take minutes on a Jetson) counts as there: it is coming, not failed,
+and another is not started for the same demand (:func:`counted`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+
+from inferq.runtime.records import WorkerRecord
 
 SPAWN_GRACE_S = 30.0
 BACKOFF_MIN_S = 1.0
@@ -75,3 +82,14 @@ class LaunchBook:
         if record is None or now >= record.retry_at:
             return None
         return f"backing off {record.retry_at - now:.0f}s after {record.count} failed start(s): {record.reason}"
+
+
+def counted(members: Iterable[WorkerRecord], draining: Collection[str]) -> tuple[list[WorkerRecord], int]:
+    """A version's serving workers (those a scale-down may drain), and how many count as there.
+
+    The count is the serving ones plus the warming ones: a warming worker registered
+    (so its launch did not fail) and is on its way. Workers being drained count as gone.
+    """
+    members = [w for w in members if w.worker_id not in draining]
+    serving = [w for w in members if w.serving]
+    return serving, len(serving) + sum(1 for w in members if w.coming)

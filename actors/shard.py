@@ -11,6 +11,10 @@ write, a retry's backoff) are republished and acked (:mod:`inferq.broker.handbac
 so RabbitMQ's delivery count is not spent on them. Deliveries are consumed on a
 connection of their own: a memory alarm blocks publishing connections, and acks
 must still get through.
+
+A batch whose events the ledger cannot take (the broker gone, or refusing writes
+past LEDGER_HOLD_S) is spooled on disk (:mod:`inferq.actors.spool`) and flushed
+when the ledger is back; its jobs, when redelivered, end with their spooled events.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -32,6 +38,7 @@ from inferq.actors.batcher import Batcher
 from inferq.actors.batchrun import BatchRun, Context, Outcome
 from inferq.actors.cancels import CancelSet
 from inferq.actors.mailbox import Mailbox
+from inferq.actors.spool import Spool
 from inferq.broker.acks import AckTracker, settle
 from inferq.broker.connection import BrokerConnection, close_channel, tolerant
 from inferq.broker.control import ControlListener, worker_key
@@ -61,7 +68,15 @@ log = logging.getLogger("inferq.shard")
 Delivery = aio_pika.abc.AbstractIncomingMessage
 PAUSE_MAX_S = 10.0
 LEDGER_HOLD_S = 300.0
+LAST_FLUSH_S = 10.0  # a stopping worker's last try to flush its spool
 EVENT_OVERHEAD_BYTES = 64 * 1024  # how long finished jobs are held while the broker refuses ledger writes
+
+
+class Recorded(Enum):
+    """Where a batch's final events went: the ledger, or the spool (flushed to the ledger later)."""
+
+    WRITTEN = "written"
+    SPOOLED = "spooled"
 
 
 @dataclass
@@ -113,6 +128,7 @@ class ShardWorker(Actor):
         self._connection: BrokerConnection | None = None
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._context: Context | None = None
+        self._spool: Spool | None = None
         self._lease: MembershipLease | None = None
         self._batch_loop_task: asyncio.Task[None] | None = None
         self._started_at = time.time()
@@ -136,6 +152,8 @@ class ShardWorker(Actor):
         # Its own queues only: where the unpinned routing key points is the registry's business (the autoscaler's).
         await self.topology.declare_model(connection.publisher, self.entry.name, [self.version.version], self.entry.config.queue)
         ledger = await self.own(LedgerWriter.open(connection, self.topology.ledger))
+        self._spool = await Spool.open(spool_dir(s, self.entry.name, self.version.version), s.jobs.spool_max_bytes)
+        self.spawn(self._spool.run(ledger), "spool")  # what a previous run of this version left is flushed too
         cancels = await self.own(CancelSet.open(connection, self.topology.cancels, s.jobs.ttl_s))
         etcd = open_etcd(s.etcd)
         self.on_stop(etcd.close)
@@ -151,7 +169,8 @@ class ShardWorker(Actor):
         starts = StartBook(etcd, keys(s.namespace).starts, s.jobs.ttl_s, s.etcd.timeout_s)
         self._context = Context(self.worker_id, self.entry, self.version, session, cancels, starts, ledger,
                                 result_limit(s), self.stats.record_batch, tenancy=tenancy,
-                                max_intermediate_bytes=min(s.jobs.max_intermediate_bytes, result_limit(s)))
+                                max_intermediate_bytes=min(s.jobs.max_intermediate_bytes, result_limit(s)),
+                                spool=self._spool)
         self._batch_loop_task = self.spawn(self._batch_loop(), "batches")
         await self._consume()
         # Ready only once consuming: "ready" in etcd means jobs are being taken.
@@ -169,6 +188,8 @@ class ShardWorker(Actor):
             started_at=self._started_at, queue=self.queue_name, stats=self.stats.snapshot(self.mailbox.qsize()),
             warmed=self._warmup_error == "", warmup_error=self._warmup_error or "", metrics=self._metrics_address,
             variant=self.variant,
+            # Warming since the process began loading (the session and any TensorRT engine build come first).
+            warming_since=self._started_at if state is WorkerState.WARMING else 0.0,
         )
 
     async def _consume(self) -> None:
@@ -234,13 +255,20 @@ class ShardWorker(Actor):
             self.request_stop()
 
     async def _finish(self, deliveries: list[Delivery], outcome: Outcome) -> None:
-        if not await self._forward(outcome) or not await self._write_results(deliveries, outcome):
+        recorded = await self._forward(outcome) and await self._write_results(deliveries, outcome)
+        if not recorded or recorded is Recorded.SPOOLED:
             self._pause_s = min(PAUSE_MAX_S, max(0.5, self._pause_s * 2))
+        if not recorded:
             log.warning("could not record %d results; handing the jobs back, next batch in %.1fs", len(outcome.final), self._pause_s)
             await self._hand_back_ran(deliveries, outcome)
             return
-        self._pause_s = 0.0
+        if recorded is Recorded.WRITTEN:
+            self._pause_s = 0.0
         self._count(outcome)
+        if recorded is Recorded.SPOOLED and _channel_gone(deliveries):
+            # The broker took the deliveries back and redelivers them: each then ends with its spooled event.
+            await self.acks.finish(settled=deliveries)
+            return
         await self._reply(deliveries, outcome)
         for delivery in outcome.rejected:
             await settle(delivery, requeue=False)
@@ -248,7 +276,7 @@ class ShardWorker(Actor):
         skip = {id(d) for d in outcome.rejected} | requeued
         await self.acks.finish(acked=[d for d in deliveries if id(d) not in skip], settled=outcome.rejected)
 
-    async def _write_results(self, deliveries: list[Delivery], outcome: Outcome) -> bool:
+    async def _write_results(self, deliveries: list[Delivery], outcome: Outcome) -> Recorded | None:
         """Write the batch's final events, holding its deliveries while the broker refuses writes.
 
         A memory alarm or a stream in trouble refuses publishes while the
@@ -256,7 +284,9 @@ class ShardWorker(Actor):
         no more, its batch slots being full) and tries again with backoff,
         rather than running them again later. It gives up when the deliveries'
         channel is gone (the broker returns them anyway), on stop, or after
-        LEDGER_HOLD_S.
+        LEDGER_HOLD_S: then the events go to the spool (SPOOLED), or, the spool
+        full or the worker stopping, nowhere (None: the jobs are handed back).
+        Jobs recalled from the spool are made durable first.
         """
         for error in await asyncio.gather(*outcome.running, return_exceptions=True):
             if isinstance(error, BrokerError):  # "running" is informational: the final events matter
@@ -266,8 +296,10 @@ class ShardWorker(Actor):
         delay, deadline = 0.5, time.monotonic() + LEDGER_HOLD_S
         while True:
             try:
+                # The recalled first: a retry after a failed final write must not write them twice.
+                await self._spool.durable([e.job_id for e in outcome.recorded], self._context.ledger)
                 await self._context.ledger.write(outcome.final)
-                return True
+                return Recorded.WRITTEN
             except EventTooLarge as exc:  # outputs the size check let through (encoding overhead): fail just those
                 log.warning("%s", exc)
                 outcome.replace_too_large(set(exc.job_ids), str(exc))
@@ -276,10 +308,20 @@ class ShardWorker(Actor):
                 held = not _channel_gone(deliveries) and self.state != "stopping" and time.monotonic() < deadline
                 log.warning("could not record %d results (%s)%s", len(outcome.final), exc,
                             f"; holding them, next try in {delay:.1f}s" if held else "")
+                if not held and self.state == "stopping" and not _channel_gone(deliveries):
+                    return None  # handed back to run elsewhere: a spool would wait for this version's next worker here
                 if not held:
-                    return False
+                    return await self._spool_results(outcome)
             await asyncio.sleep(delay)
             delay = min(delay * 2, PAUSE_MAX_S)
+
+    async def _spool_results(self, outcome: Outcome) -> Recorded | None:
+        """Keep the final events on disk until the ledger takes them (the spool's flusher writes them)."""
+        if not await self._spool.put(outcome.final):
+            return None
+        log.warning("spooled %d results in %s; they are written to the ledger once it takes writes again",
+                    len(outcome.final), self._spool.directory)
+        return Recorded.SPOOLED
 
     async def _forward(self, outcome: Outcome) -> bool:
         """Publish each pipeline job to its next stage, confirmed, before anything is acked.
@@ -402,6 +444,17 @@ class ShardWorker(Actor):
     async def wait_idle(self) -> None:
         while self._batches:
             await asyncio.gather(*list(self._batches), return_exceptions=True)
+        await self._last_flush()
+
+    async def _last_flush(self) -> None:
+        """One more try at the spool before stopping; what is left waits for this version's next worker here."""
+        if self._spool is None or not self._spool.pending or self._context is None:
+            return
+        try:
+            await asyncio.wait_for(self._spool.flush(self._context.ledger), LAST_FLUSH_S)
+        except (BrokerError, TimeoutError) as exc:
+            log.warning("%d spooled batch(es) left in %s for the next worker of this version (%r)",
+                        self._spool.pending, self._spool.directory, exc)
 
     async def on_close(self) -> None:
         for batch in list(self._batches):
@@ -424,6 +477,8 @@ class WorkerCollector:
         yield gauge("nv_inference_pending_request_count", "jobs at this worker not yet finished (prefetched and running)",
                     [({"model": w.entry.name, "version": w.version.version}, w.stats.inflight + w.mailbox.qsize())])
         yield gauge("inferq_worker_batches", "batches this worker ran", [(labels, w.stats.batches)], kind="counter")
+        yield gauge("inferq_worker_spooled_batches", "finished batches on disk until the ledger takes their results",
+                    [(labels, w._spool.pending if w._spool is not None else 0)])
         yield gauge("inferq_worker_state", "this worker's state (1 for the current one)",
                     [({**labels, "state": s}, int(s == state)) for s in ("starting", "warming", "ready", "draining")])
 
@@ -436,6 +491,11 @@ def _channel_gone(deliveries: list[Delivery]) -> bool:
         return bool(deliveries[0].channel.is_closed)
     except aiormq.exceptions.ChannelInvalidStateError:  # aio-pika raises it for a closed channel
         return True
+
+
+def spool_dir(settings: Settings, model: str, version: str) -> Path:
+    """Where a model version's workers on this node spool results: shared, so a restarted worker flushes them."""
+    return settings.state_dir / "spool" / model / version
 
 
 def result_limit(settings: Settings) -> int:

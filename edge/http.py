@@ -29,7 +29,7 @@ from inferq.edge.responses import json_response
 from inferq.edge.webhooks import webhook_spec, webhook_view
 from inferq.errors import CodecError, InvalidInput, NotFound, UnknownModel, UnsupportedMedia
 from inferq.runtime.metrics import exposition
-from inferq.runtime.records import Decision
+from inferq.runtime.records import Decision, WorkerRecord
 from inferq.settings import EdgeSettings, WebhookSettings
 
 ROUTE_KEY_HEADER = "X-Inferq-Route-Key"  # the sticky key of a traffic split
@@ -268,7 +268,8 @@ class EdgeAPI:
     async def _model_summary(self, model: str) -> dict[str, Any]:
         record = await self.service.directory.record(model)
         summary = json.loads(record.to_json())
-        summary["workers"] = [_with_iso(json.loads(w.to_json()), "started_at") for w in await self.inventory.workers(model)]
+        now = time.time()
+        summary["workers"] = [_worker_document(w, now) for w in await self.inventory.workers(model)]
         summary["queue_depth"] = {v: await self.inventory.queue_depth(model, v) for v in record.versions}
         decisions = await self.inventory.decisions()
         summary["autoscaler"] = {v: _with_iso(_asdict(decisions.get(f"{model}.{v}")), "at") for v in record.versions}
@@ -315,6 +316,15 @@ def scaling_document(decision: Decision, now: float) -> dict[str, Any]:
 
 def _asdict(record: Any) -> dict[str, Any] | None:
     return None if record is None else dataclasses.asdict(record)
+
+
+def _worker_document(worker: WorkerRecord, now: float) -> dict[str, Any]:
+    """A worker in a model's listing; a warming one says for how long (``warming_s``) and since when."""
+    doc = _with_iso(_with_iso(json.loads(worker.to_json()), "started_at"), "warming_since")
+    warming = worker.warming_s(now)
+    if warming is not None:
+        doc["warming_s"] = warming
+    return doc
 
 
 def _with_iso(doc: dict[str, Any] | None, field: str) -> dict[str, Any] | None:

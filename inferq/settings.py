@@ -151,10 +151,14 @@ class JobSettings:
     # no such argument (streams an older inferq declared; bound them with a RabbitMQ policy instead).
     ledger_max_bytes: int = 2 * 1024 ** 3
     ledger_segment_bytes: int = 64 * 1024 * 1024
+    # A worker whose results the ledger cannot take (broker away) keeps them on disk, under
+    # <state_dir>/spool/<model>/<version>, up to this many bytes per model version; past it, it hands the jobs back.
+    spool_max_bytes: int = 1024 ** 3
 
     def __post_init__(self) -> None:
-        if min(self.inline_result_bytes, self.ledger_max_bytes, self.ledger_segment_bytes) < 0:
-            raise ConfigError("jobs.inline_result_bytes, jobs.ledger_max_bytes and jobs.ledger_segment_bytes must be >= 0")
+        if min(self.inline_result_bytes, self.ledger_max_bytes, self.ledger_segment_bytes, self.spool_max_bytes) < 0:
+            raise ConfigError("jobs.inline_result_bytes, jobs.ledger_max_bytes, jobs.ledger_segment_bytes and "
+                              "jobs.spool_max_bytes must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -113,11 +113,25 @@ class WorkerRecord:
     warmup_error: str = ""  # why the warm-up inference failed, if it did
     metrics: str = ""  # host:port of its /metrics ("" when off): GET /v1/metrics/targets lists it
     variant: str = ""  # the device variant of its version it runs ("": the default model.onnx)
+    # When its warming began (unix seconds): loading the model, building a TensorRT engine, the warm-up run.
+    # 0 when not warming, and in records of workers older than this field.
+    warming_since: float = 0.0
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
         doc["state"] = self.state.value
         return json.dumps(doc)
+
+    def warming_s(self, now: float) -> float | None:
+        """How long it has been warming at ``now`` (unix seconds); None if it is not warming."""
+        if self.state is not WorkerState.WARMING:
+            return None
+        return round(max(0.0, now - self.warming_since), 1) if self.warming_since else None
+
+    @property
+    def coming(self) -> bool:
+        """Warming: not serving yet, but started and on its way (the autoscaler counts it as there)."""
+        return self.state is WorkerState.WARMING
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> WorkerRecord:

@@ -7,9 +7,10 @@ import signal
 
 import pytest
 
+from inferq.actors.launches import LaunchBook, counted
 from inferq.actors.policy import Recommender
 from inferq.errors import NoCapacity
-from inferq.runtime.records import ModelRecord, NodeRecord, VersionRecord
+from inferq.runtime.records import ModelRecord, NodeRecord, VersionRecord, WorkerRecord, WorkerState
 from inferq.runtime.variants import place
 from inferq.settings import ScalingPolicy
 from inferq.runtime.coordination import keys, open_etcd
@@ -49,6 +50,28 @@ def test_placement_prefers_a_node_that_already_caches_the_artifact_over_more_fre
     model = lambda sha: ModelRecord("m", "1", {"1": VersionRecord((), (), sha)})  # noqa: E731
     assert place(nodes, model(warm), "1").node == "warm"
     assert place(nodes, model(cold), "1").node == "roomy"
+
+
+def test_a_warming_worker_counts_as_coming_not_as_failed_so_no_second_one_is_started() -> None:
+    key, book = ("m", "1"), LaunchBook(grace_s=30)
+    book.launched(key, 0, 1, now=0.0)
+    warming = WorkerRecord("w1", "m", "1", state=WorkerState.WARMING, warming_since=1.0)
+    # Long past the launch grace (a TensorRT engine build): the registered, warming worker is there.
+    serving, present = counted([warming], draining=set())
+    assert serving == [] and present == 1
+    assert book.current(key, present, now=300.0) == 1 and book.held(key, 300.0) is None
+    desired, _ = Recommender().decide(ScalingPolicy(target_backlog_per_worker=10), 300.0, backlog=8, current=1)
+    assert desired == 1  # the demand one worker meets: the warming one is it
+    ready = WorkerRecord("w2", "m", "1", state=WorkerState.READY)
+    leaving = WorkerRecord("w3", "m", "1", state=WorkerState.READY)
+    assert counted([warming, ready, leaving], draining={"w3"}) == ([ready], 2)
+
+
+def test_a_worker_that_never_registers_still_counts_as_a_failed_launch() -> None:
+    key, book = ("m", "1"), LaunchBook(grace_s=30)
+    book.launched(key, 0, 1, now=0.0)
+    assert book.current(key, counted([], set())[1], now=31.0) == 0
+    assert "never registered" in book.held(key, 31.0)
 
 
 async def test_backlog_scales_from_zero_to_several_workers_and_back_to_zero(synced, spawn_autoscaler, amqp) -> None:

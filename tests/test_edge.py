@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from inferq.broker.codec import decode_tensor_map, encode_tensor, packb
+from inferq.runtime.coordination import keys, open_etcd
+from inferq.runtime.records import WorkerRecord, WorkerState
 from tests.conftest import sample
 
 
@@ -214,6 +216,24 @@ async def test_model_listing_shows_versions_workers_and_queue_depth(spawn_worker
     assert isinstance(doc["queue_depth"]["1"], int)
     async with http.get(f"{edge.url}/v1/models") as resp:
         assert {"mlp", "cnn"} <= {m["name"] for m in (await resp.json())["models"]}
+
+
+async def test_a_warming_worker_shows_in_the_model_listing_with_its_warming_time(synced, spawn_edge, http) -> None:
+    # The record a worker registers while it builds its engine, written as it would ("unserved" has no worker).
+    record = WorkerRecord("warming-test", "unserved", "1", node="n", pid=1, state=WorkerState.WARMING,
+                          started_at=time.time() - 12, warming_since=time.time() - 12)
+    key = keys(synced.namespace).worker(record.worker_id).encode()
+    async with open_etcd(synced.etcd) as client:
+        await client.put(key, record.to_json().encode())
+        try:
+            edge = await spawn_edge()
+            async with http.get(f"{edge.url}/v1/models/unserved") as resp:
+                doc = await resp.json()
+        finally:
+            await client.delete(key)
+    (worker,) = [w for w in doc["workers"] if w["worker_id"] == "warming-test"]
+    assert worker["state"] == "warming" and 12 <= worker["warming_s"] < 60, worker
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", worker["warming_since"]), worker
 
 
 async def test_tritonclient_http_infers_the_same_numbers_as_onnxruntime(spawn_worker, spawn_edge, reference) -> None:

@@ -93,6 +93,7 @@ async def test_worker_metrics_are_found_through_service_discovery_and_count_that
         scraped = await scrape(http, f"http://{target}")
         labels = {"model": "cnn", "version": "1", "worker": group["labels"]["worker"]}
         assert value(scraped, "inferq_worker_state", **labels, state="ready") == 1
+        assert value(scraped, "inferq_worker_spooled_batches", **labels) == 0  # the ledger took every result
         total += value(scraped, "nv_inference_count", model="cnn", version="1")
         batches = value(scraped, "inferq_batch_size_count", model="cnn", version="1")
         assert batches == value(scraped, "nv_inference_count", model="cnn", version="1")

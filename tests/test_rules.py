@@ -274,6 +274,15 @@ def test_records_ignore_fields_from_a_newer_writer_and_round_trip() -> None:
         ModelRecord.from_json(b'{"name": "m", "default_version": "2", "versions": {"1": {"inputs": [], "outputs": []}}}')
 
 
+def test_a_warming_worker_record_says_how_long_it_has_warmed_and_an_older_record_reads_without_it() -> None:
+    warming = WorkerRecord("w", "m", "1", state=WorkerState.WARMING, warming_since=1000.0)
+    assert WorkerRecord.from_json(warming.to_json()) == warming and warming.coming
+    assert warming.warming_s(1012.34) == 12.3
+    older = WorkerRecord.from_json(b'{"worker_id": "w", "model": "m", "version": "1", "state": "warming"}')
+    assert older.warming_since == 0.0 and older.warming_s(1012.0) is None and older.coming
+    assert WorkerRecord("w", "m", "1", state=WorkerState.READY, warming_since=1.0).warming_s(5.0) is None
+
+
 # --- dead letters --------------------------------------------------------------------------------------------------
 
 def dead_letter(reason: str, queue: str = "ns.model.mlp.1", job_id: str = "j1", tenant: object = "acme") -> SimpleNamespace:
