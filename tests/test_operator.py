@@ -188,6 +188,7 @@ async def test_a_launched_workers_log_file_carries_the_end_of_its_worker_id(sync
         worker_id = await wait_until(registered, 60, "the launched worker to register")
         log_file = tmp_path / "logs" / f"worker-mlp-1-{worker_id.rsplit('-', 1)[1]}.log"
         assert [p.name for p in (tmp_path / "logs").iterdir()] == [log_file.name]
-        assert worker_id in log_file.read_text()
+        # It registers (warming) before it logs its id: wait for the line rather than race it.
+        await wait_until(lambda: worker_id in log_file.read_text(), 30, f"{worker_id} in {log_file.name}")
     finally:
         await launcher.aclose()
