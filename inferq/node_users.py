@@ -18,6 +18,7 @@ import asyncio
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from inferq.broker.admin import BrokerAdmin, service_permissions
@@ -111,7 +112,7 @@ async def _quietly_delete(admin: BrokerAdmin, user: str) -> None:
         log.warning("could not remove half-made broker user %s: %s", user, exc)
 
 
-async def revoke_node(settings: Settings, etcd: object, node: str) -> NodeRevoked:
+async def revoke_node(settings: Settings, etcd: Any, node: str) -> NodeRevoked:
     """Take back everything ``node`` was given: its API key, its broker user and that user's connections.
 
     Idempotent: a second call finds nothing and says so. The etcd record goes last, so
@@ -136,7 +137,11 @@ async def revoke_node(settings: Settings, etcd: object, node: str) -> NodeRevoke
 
 async def _delete_node_user(settings: Settings, user: str, required: bool) -> tuple[bool, int, str]:
     """Delete ``user`` and close what is left of its connections; (deleted, closed, note)."""
-    if not user or not settings.tenancy.management_url:
+    if not user:
+        return False, 0, ""
+    if not settings.tenancy.management_url:
+        if required:  # the record stays, so a revoke with the management API set finishes the job
+            raise ConfigError(f"cannot delete node broker user {user}: tenancy.management_url is empty")
         return False, 0, ""
     try:
         async with await _admin(settings) as admin:
