@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -48,6 +49,7 @@ from inferq.runtime.records import NodeRecord
 from inferq.node_users import REVOKED, with_credentials
 from inferq.settings import EtcdSettings, Settings
 from tests.conftest import sample
+from tests.test_edge import v2_input
 from tests.jetson import HOST, ORIN, XAVIER, write_sysroot
 from tests.models import write_mlp
 from tests.test_tls import certificates  # noqa: F401 (fixture)
@@ -551,6 +553,38 @@ async def test_a_corrupted_artifact_download_is_rejected_and_retried_until_the_b
     await wait_until(lambda: _ready_worker(synced, name), 60, "the worker, once a download verified")
     cached = tmp_path / f"{node}-state" / "artifacts" / digest / "model.onnx"
     assert cached.read_bytes() == data and not cached.with_name("model.onnx.part").exists()
+
+
+async def test_a_joined_node_serves_edge_jobs_with_auth_on_as_its_own_user_and_revoke_cuts_its_agent_off_the_broker(
+        synced, spawn_edge, spawn_node_agent, amqp, http, tmp_path) -> None:
+    edge = await spawn_edge(env={"INFERQ_EDGE_AUTH": "true"})
+    async with open_etcd(synced.etcd) as etcd:
+        key = await create_key(etcd, synced.namespace, unique("acme"), 0, 0, synced.etcd.timeout_s)
+        token = await create_token(etcd, synced.namespace, edge.url, 3600, timeout_s=synced.etcd.timeout_s)
+    status, body = await _join(http, edge.url, token.encode(), unique("secure"))
+    assert status == 200, body
+    joined = AgentConfig.from_json(json.dumps(body))
+    path = write_config(tmp_path / "agent.toml", joined, {})
+    mine = Settings.load(path, env={})
+    assert broker_user(mine.broker.url) == joined.broker_user and mine.tenancy.service_user == broker_user(synced.broker.url)
+    mine = replace(synced, broker=mine.broker, tenancy=mine.tenancy, edge=replace(synced.edge, auth=True))
+    spawn_node_agent(joined.node, mine, synced.model_repository)
+    await wait_until(lambda: _node(synced, joined.node), 30, "the agent's node record")
+    await send(amqp.connection, amqp.topology.control, agent_key(joined.node), {"command": "spawn", "model": "mlp", "version": "1"})
+    await wait_until(lambda: _worker_of(synced, joined.node), 60, "the agent's worker")
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs?wait=30", json={"inputs": [v2_input(sample("mlp"))]},
+                         headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "succeeded", "the node judged the edge's job its own"
+
+    async with await BrokerAdmin.open(synced.tenancy.management_url, "/", 10) as admin:
+        assert len(await wait_until(lambda: admin.connections_of(joined.broker_user), 10, "the node's connections")) >= 2
+        revoke = Process(["agent", "revoke", joined.node], synced, tmp_path / "revoke.log")
+        assert await revoke.wait(30) == 0, revoke.output()
+        await wait_until(lambda: async_not(admin.connections_of(joined.broker_user)), 10, "the node cut off the broker")
+
+
+async def async_not(awaitable: Any) -> bool:
+    return not await awaitable
 
 
 async def test_a_restarted_agent_starts_again_the_workers_it_ran_before_it_was_killed(
