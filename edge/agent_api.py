@@ -21,10 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
+from inferq.broker.identity import broker_user
 from inferq.edge.auth import create_key, revoke_keys, token_hash
 from inferq.edge.install_script import render_install_script
 from inferq.edge.responses import json_response
-from inferq.broker.identity import broker_user
 from inferq.errors import CodecError, ConfigError, InvalidInput, NotFound
 from inferq.node_users import issue_node_user
 from inferq.runtime.coordination import keys, translated
