@@ -114,6 +114,10 @@ class BrokerAdmin:
         """The user's record (``name``, ``tags``), None if there is no such user."""
         return await self._call("GET", f"/users/{_q(name)}", missing=None)
 
+    async def users(self) -> list[str]:
+        """The names of every user of the broker."""
+        return [u["name"] for u in await self._call("GET", "/users?columns=name") if isinstance(u, dict) and "name" in u]
+
     async def put_user(self, name: str, password: str, tags: str = "") -> None:
         """Create the user, or set its password and tags."""
         await self._call("PUT", f"/users/{_q(name)}", {"password": password, "tags": tags})
@@ -132,10 +136,20 @@ class BrokerAdmin:
         body = {"exchange": topic.exchange, "write": topic.write, "read": topic.read}
         await self._call("PUT", f"/topic-permissions/{_q(self.vhost)}/{_q(user)}", body)
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None, missing: Any = ...) -> Any:
+    async def connections_of(self, user: str) -> list[str]:
+        """The names of the open connections that logged in as ``user`` (on any virtual host)."""
+        found = await self._call("GET", "/connections?columns=name,user")
+        return [c["name"] for c in found if isinstance(c, dict) and c.get("user") == user and "name" in c]
+
+    async def close_connection(self, name: str, reason: str) -> bool:
+        """Close one connection, telling the client ``reason``; False if it was gone already."""
+        return await self._call("DELETE", f"/connections/{_q(name)}", missing=False, headers={"X-Reason": reason}) is not False
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None, missing: Any = ...,
+                    headers: dict[str, str] | None = None) -> Any:
         url = self._base + path
         try:
-            async with self._session.request(method, url, json=body) as resp:
+            async with self._session.request(method, url, json=body, headers=headers) as resp:
                 if resp.status == 404 and missing is not ...:
                     return missing
                 if resp.status == 401:

@@ -14,6 +14,13 @@ a copy under its own ``user_id``, and the copy names the original publisher in
     user_id = U, anyone else                          U's job: U's tenant comes from etcd, headers are ignored
     no user_id                                        nobody's: refused when auth is on
 
+An edge node that joined with its own broker user (``<ns>.node.<node>``,
+made by the join, deleted by ``inferq agent revoke``) is one of inferq's own
+processes too: :class:`ServiceUsers` holds the service user, the cluster's
+service user as a node knows it (``tenancy.service_user``) and every node
+user of the namespace. A copy whose ``x-inferq-publisher`` names one of them
+is inferq's own job (a node handed back a job of the edge's).
+
 Nothing here reads etcd: the mapping of broker users to tenants is
 :mod:`inferq.runtime.tenancy`'s.
 """
@@ -21,8 +28,8 @@ Nothing here reads etcd: the mapping of broker users to tenants is
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -34,6 +41,9 @@ from inferq.errors import ConfigError
 PUBLISHER_HEADER = "x-inferq-publisher"
 # Tenant names become parts of queue names and permission regexes: no dots, nothing a regex reads.
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# A node's broker user: the namespace ([A-Za-z0-9_-], no dot), ".node.", the node name. Tenant users
+# (<ns>-<tenant>) never hold a dot, and the first dot ends the namespace, so no two rules meet.
+NODE_USER_RE = re.compile(r"^(?P<ns>[A-Za-z0-9_-]{1,64})\.node\.(?P<node>[A-Za-z0-9][A-Za-z0-9_.-]{0,62})$")
 
 Message = aio_pika.abc.AbstractIncomingMessage
 
@@ -56,6 +66,39 @@ def broker_user(url: str) -> str | None:
 def broker_vhost(url: str) -> str:
     """The virtual host of an AMQP URL: its path without the leading slash, ``/`` when empty."""
     return unquote(urlsplit(url).path[1:]) or "/"
+
+
+def node_user_name(namespace: str, node: str) -> str:
+    """The broker user the join makes for ``node``: ``<ns>.node.<node>`` (RabbitMQ users span namespaces)."""
+    return f"{namespace}.node.{node}"
+
+
+def is_node_user(namespace: str, user: str | None) -> bool:
+    """Whether ``user`` is the broker user of a node of ``namespace`` (only an administrator can make one)."""
+    match = NODE_USER_RE.match(user or "")
+    return match is not None and match.group("ns") == namespace
+
+
+@dataclass(frozen=True)
+class ServiceUsers:
+    """The broker users whose jobs are inferq's own: ``names`` and, with ``namespace``, its nodes' users."""
+
+    names: frozenset[str] = field(default_factory=frozenset)
+    namespace: str = ""
+
+    @classmethod
+    def of(cls, users: ServiceUsers | str | Iterable[str | None] | None, namespace: str = "") -> ServiceUsers:
+        """From one user (None: nobody), several, or a ServiceUsers as it is."""
+        if isinstance(users, ServiceUsers):
+            return users
+        if users is None or isinstance(users, str):
+            users = (users,)
+        return cls(frozenset(u for u in users if u), namespace)
+
+    def __contains__(self, user: object) -> bool:
+        if not isinstance(user, str) or not user:
+            return False
+        return user in self.names or (bool(self.namespace) and is_node_user(self.namespace, user))
 
 
 def reply_prefix(namespace: str, tenant: str) -> str:
@@ -84,26 +127,28 @@ class Publisher:
     tenant: str | None = None
 
 
-def publisher_of(message: Message, service_user: str | None) -> Publisher:
+def publisher_of(message: Message, service_user: ServiceUsers | str | None) -> Publisher:
     """The publisher of ``message`` by the rule of this module's docstring."""
+    service = ServiceUsers.of(service_user)
     headers = message.headers or {}
     tenant = _text(headers.get(TENANT_HEADER))
     user = message.user_id or None
-    if service_user is not None and user == service_user:
-        if PUBLISHER_HEADER in headers:
-            return Publisher(_text(headers[PUBLISHER_HEADER]), copy=True, tenant=tenant)
-        return Publisher(user, service=True, tenant=tenant)
+    if user in service:
+        original = _text(headers.get(PUBLISHER_HEADER))
+        if PUBLISHER_HEADER in headers and original not in service:
+            return Publisher(original, copy=True, tenant=tenant)
+        return Publisher(user, service=True, tenant=tenant)  # its own job, or a copy of another service user's
     return Publisher(user, tenant=tenant)
 
 
-def carried(delivery: Message, service_user: str | None) -> dict[str, str]:
+def carried(delivery: Message, service_user: ServiceUsers | str | None) -> dict[str, str]:
     """Headers a copy of ``delivery`` published by ``service_user`` needs to keep its publisher.
 
     Nothing for inferq's own job or a copy made before (its headers stand as
     they are); else the original ``user_id`` (empty: it had none), which also
     overrides any ``x-inferq-publisher`` the original publisher wrote itself.
     """
-    if service_user is not None and delivery.user_id == service_user:
+    if delivery.user_id in ServiceUsers.of(service_user):
         return {}
     return {PUBLISHER_HEADER: delivery.user_id or ""}
 

@@ -2,9 +2,11 @@
 
 These routes are public (no API key): the join token is the join's credential, and the
 script and wheel hold no secret (k3s serves its installer the same way). A join
-answers the node's settings with a fresh credential of its own, an API key of role
-``node`` (tenant ``node:<name>``) that ``inferq agent revoke NODE`` deletes; joining
-again under the same name replaces the old credential.
+answers the node's settings with fresh credentials of its own that ``inferq agent
+revoke NODE`` deletes: an API key of role ``node`` (tenant ``node:<name>``) and,
+when the management API is reachable, a broker user (:mod:`inferq.node_users`),
+else the shared broker credentials with a warning in the answer. Joining again
+under the same name replaces the old API key and sets a new broker password.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 
 from aiohttp import web
 
+from inferq.broker.identity import broker_user
 from inferq.edge.auth import create_key, revoke_keys, token_hash
 from inferq.edge.install_script import render_install_script
 from inferq.edge.responses import json_response
 from inferq.errors import CodecError, ConfigError, InvalidInput, NotFound
+from inferq.node_users import issue_node_user
 from inferq.runtime.coordination import keys, translated
 from inferq.runtime.jointoken import AgentConfig, AgentRecord, JoinToken, check_node_name, check_token
 from inferq.settings import Settings
@@ -51,12 +55,16 @@ class AgentAPI:
         s = self.settings
         record = await check_token(self.etcd, s.namespace, token.secret, s.etcd.timeout_s)
         node = _node_name(str(body.get("node") or ""), record.node_name_prefix)
+        broker = await issue_node_user(s, node)
+        if broker.warning:
+            log.warning("node %s: %s", node, broker.warning)
         api_key = await create_key(self.etcd, s.namespace, f"node:{node}", 0.0, 0, s.etcd.timeout_s, role="node")
-        await self._replace_credential(AgentRecord(node, token_hash(api_key), time.time(), token.id))
-        log.info("node %s joined with token %s", node, token.id)
+        await self._replace_credential(AgentRecord(node, token_hash(api_key), time.time(), token.id, broker.user))
+        log.info("node %s joined with token %s as broker user %s", node, token.id, broker.user or "(shared)")
         config = AgentConfig(
-            node, s.namespace, s.broker.addresses, tuple(f"{h}:{p}" for h, p in s.etcd.members), token.url, api_key,
-            s.etcd.username, s.etcd.password, s.broker.replicas, s.etcd.lease_ttl_s, s.jobs.ttl_s)
+            node, s.namespace, broker.urls, tuple(f"{h}:{p}" for h, p in s.etcd.members), token.url, api_key,
+            s.etcd.username, s.etcd.password, s.broker.replicas, s.etcd.lease_ttl_s, s.jobs.ttl_s,
+            broker.user, broker_user(s.broker.url) or "", (broker.warning,) if broker.warning else ())
         return json_response(json.loads(config.to_json()))
 
     async def _replace_credential(self, record: AgentRecord) -> None:

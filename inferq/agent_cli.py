@@ -48,7 +48,7 @@ def add_commands(agent: argparse.ArgumentParser, run: Any) -> None:
     revoke_token.add_argument("token_id")
     revoke_token.set_defaults(func=_token_revoke)
 
-    revoke = sub.add_parser("revoke", help="take back a node's credential: it can no longer fetch models")
+    revoke = sub.add_parser("revoke", help="take back a node's credentials: its API key (model fetch) and its broker user")
     revoke.add_argument("node_name", metavar="NODE")
     revoke.set_defaults(func=_revoke)
 
@@ -133,22 +133,22 @@ def _token_revoke(settings: Settings, args: argparse.Namespace) -> int:
 def _revoke(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
 
-    from inferq.edge.auth import revoke_keys
-    from inferq.errors import NotFound
-    from inferq.runtime.coordination import keys, open_etcd
-    from inferq.runtime.jointoken import AgentRecord
+    from inferq.node_users import revoke_node
+    from inferq.runtime.coordination import open_etcd
 
-    async def main() -> None:
-        key = (keys(settings.namespace).agents + args.node_name).encode()
+    async def main() -> Any:
         async with open_etcd(settings.etcd) as client:
-            kv = await asyncio.wait_for(client.get(key), settings.etcd.timeout_s)
-            if kv is None:
-                raise NotFound(f"no node {args.node_name!r} joined namespace {settings.namespace!r}")
-            await revoke_keys(client, settings.namespace, [AgentRecord.from_json(kv.value).key_sha256], settings.etcd.timeout_s)
-            await asyncio.wait_for(client.delete(key), settings.etcd.timeout_s)
+            return await revoke_node(settings, client, args.node_name)
 
-    asyncio.run(main())
-    print(f"node {args.node_name}: credential revoked")
+    done = asyncio.run(main())
+    taken = [what for what, held in (("API key (model fetch)", done.api_key),
+                                     (f"broker user {done.broker_user}", done.broker_user)) if held]
+    if done.connections:
+        taken.append(f"{done.connections} open broker connection(s) closed")
+    print(f"node {done.node}: " + ("revoked " + ", ".join(taken) if taken else
+                                    "nothing left to revoke (revoked already, or it never joined this namespace)"))
+    if done.note:
+        print(f"note: {done.note}", file=sys.stderr)
     return 0
 
 

@@ -63,7 +63,10 @@ async def join(token_text: str, node: str = "", server: str = "", timeout_s: flo
 
 def _answer(status: int, body: str, url: str) -> AgentConfig:
     if status == 200:
-        return AgentConfig.from_json(body)
+        config = AgentConfig.from_json(body)
+        for warning in config.warnings:  # e.g. a node given the shared broker credentials, which revoke cannot take back
+            log.warning("the edge says: %s", warning)
+        return config
     try:
         message = json.loads(body)["error"]["message"]
     except (ValueError, KeyError, TypeError):

@@ -250,9 +250,23 @@ class WebhookSettings:
 
 @dataclass(frozen=True)
 class TenancySettings:
-    """Tenants' RabbitMQ users (``inferq tenant``): the management API that makes them, as an administrator."""
+    """Tenants' and edge nodes' RabbitMQ users: the management API that makes them, as an administrator.
+
+    ``node_users``: what a join (``POST /v1/agent/join``) gives a node to reach the broker.
+    ``auto``: a broker user of its own (``<ns>.node.<node>``, deleted by ``inferq agent revoke``),
+    or, when ``management_url`` is empty or cannot be reached, the shared credentials of
+    ``broker.url`` with a warning; ``require``: its own user or no join (503); ``off``: shared.
+    ``service_user`` is the cluster's service user as an edge node knows it (its own
+    ``broker.url`` logs in as its node user); the join writes it.
+    """
 
     management_url: str = "http://guest:guest@127.0.0.1:15672/"
+    node_users: str = "auto"
+    service_user: str = ""
+
+    def __post_init__(self) -> None:
+        if self.node_users not in ("auto", "require", "off"):
+            raise ConfigError(f"tenancy.node_users must be auto, require or off, not {self.node_users!r}")
 
     def __repr__(self) -> str:
         return f"TenancySettings(management_url={mask_url(self.management_url)!r})"

@@ -14,7 +14,7 @@ types are the records of :mod:`inferq.runtime.records`::
     /<ns>/nodes/<node>          NodeRecord of an edge-node agent (lease-backed)
     /<ns>/apikeys/<sha256>      an API key's tenant and limits (edge.auth)
     /<ns>/jointokens/<sha256>   JoinTokenRecord: an agent join token's expiry and node-name prefix (never the token)
-    /<ns>/agents/<node>         AgentRecord: the node credential (API key hash) a join gave out
+    /<ns>/agents/<node>         AgentRecord: the node credentials a join gave out (API key hash, broker user)
     /<ns>/starts/<job-id>       starts of a suspect job that killed its worker (actors.attempts)
     /<ns>/idempotency/<job-id>  who queued an Idempotency-Key's job (edge.idempotency; on a lease >= jobs.ttl_s)
     /<ns>/brokerusers/<user>    BrokerUserRecord: the tenant of a RabbitMQ user (inferq tenant create --amqp)

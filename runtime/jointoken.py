@@ -6,8 +6,10 @@ certificate, so the joining agent can pin it before it sends the secret. etcd ke
 only the SHA-256 of the secret, at ``/<ns>/jointokens/<hash>``, with the token's
 expiry and node-name prefix (:class:`JoinTokenRecord`). ``POST /v1/agent/join``
 exchanges a valid token for the node's configuration (:class:`AgentConfig`),
-including a per-node credential (an API key of role ``node``) that
-``inferq agent revoke NODE`` takes back (:class:`AgentRecord`).
+including per-node credentials that ``inferq agent revoke NODE`` takes back
+(:class:`AgentRecord`): an API key of role ``node`` (model fetch) and, when the
+edge can reach RabbitMQ's management API, a broker user of the node's own
+(``<ns>.node.<node>``, see :mod:`inferq.node_users`) in the broker URLs.
 """
 
 from __future__ import annotations
@@ -103,12 +105,13 @@ class JoinTokenRecord:
 
 @dataclass(frozen=True)
 class AgentRecord:
-    """A node that joined: the hash of its credential (an API key of role ``node``) and when it joined."""
+    """A node that joined: the hash of its API key (role ``node``), its broker user ("": shared), when it joined."""
 
     node: str
     key_sha256: str
     joined_at: float
     token_id: str = ""
+    broker_user: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -133,13 +136,17 @@ class AgentConfig:
     broker_replicas: int = 0
     lease_ttl_s: int = 10
     jobs_ttl_s: float = 3600.0  # namespace-wide: queues and streams are declared with it
+    broker_user: str = ""  # the node's own broker user, in broker_urls; "": the shared credentials of the cluster
+    service_user: str = ""  # the cluster's service user: its jobs are inferq's own (tenancy.service_user)
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> AgentConfig:
-        return build(cls, load_json(raw, "join answer"), "join answer", broker_urls=tuple, etcd_endpoints=tuple)
+        return build(cls, load_json(raw, "join answer"), "join answer", broker_urls=tuple, etcd_endpoints=tuple,
+                     warnings=tuple)
 
     def settings_doc(self) -> dict[str, Any]:
         """The settings sections (as in ``agent.toml``) that this answer sets."""
@@ -150,6 +157,7 @@ class AgentConfig:
                      "password": self.etcd_password, "lease_ttl_s": self.lease_ttl_s},
             "registry": {"artifacts_url": self.artifacts_url, "api_key": self.api_key},
             "jobs": {"ttl_s": self.jobs_ttl_s},
+            "tenancy": {"service_user": self.service_user},
         }
 
 

@@ -38,7 +38,8 @@ from typing import Any
 
 import aetcd
 
-from inferq.broker.identity import Publisher, Verdict, broker_user, may_reply, publisher_of, reply_prefix
+from inferq.broker.identity import (
+    Publisher, ServiceUsers, Verdict, broker_user, may_reply, publisher_of, reply_prefix)
 from inferq.broker.messages import error_dict, is_suspect
 from inferq.errors import CodecError, CoordinationError, Forbidden, RateLimited, Unauthenticated
 from inferq.runtime.coordination import follow, keys, translated
@@ -176,11 +177,12 @@ class Meter:
 class Tenancy:
     """Judges deliveries for a worker or an edge; build with :meth:`open`, close with :meth:`aclose`."""
 
-    def __init__(self, enforce: bool, namespace: str, service_user: str | None,
+    def __init__(self, enforce: bool, namespace: str, service_user: ServiceUsers | str | None,
                  users: BrokerUsers | None = None, meter: Meter | None = None) -> None:
         self.enforce = enforce
         self.namespace = namespace
-        self.service_user = service_user
+        # inferq's own users: this process's, the cluster's (on an edge node) and every node user of the namespace
+        self.service_user = ServiceUsers.of(service_user, namespace)
         self._users = users
         self._meter = meter
         self._follow: asyncio.Task[None] | None = None
@@ -188,10 +190,11 @@ class Tenancy:
     @classmethod
     async def open(cls, settings: Settings, etcd: aetcd.Client) -> Tenancy:
         """Enforcing if ``settings.auth_enabled``; then it follows the broker users in etcd until closed."""
-        service_user = broker_user(settings.broker.url)
+        own = broker_user(settings.broker.url)
+        service_user = ServiceUsers.of((own, settings.tenancy.service_user), settings.namespace)
         if not settings.auth_enabled:
             return cls(False, settings.namespace, service_user)
-        if service_user is None:
+        if own is None:
             log.warning("auth is on but broker.url names no user: no job counts as inferq's own")
         timeout = settings.etcd.timeout_s
         users = BrokerUsers(etcd, keys(settings.namespace).brokerusers, timeout)
@@ -244,9 +247,9 @@ class Tenancy:
         return verdict, record
 
 
-def _first_take(delivery: Message, service_user: str | None) -> bool:
+def _first_take(delivery: Message, service_user: ServiceUsers) -> bool:
     """Whether this is the tenant's own publish taken for the first time (a copy or redelivery was metered already)."""
-    return delivery.user_id != service_user and not is_suspect(delivery)
+    return delivery.user_id not in service_user and not is_suspect(delivery)
 
 
 def _over_rate(tenant: str, rate: float, burst: int) -> str:

@@ -23,14 +23,19 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import aio_pika
 import aiohttp
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from inferq.agent_join import render_toml, write_config
+from inferq.broker.admin import BrokerAdmin, service_permissions
 from inferq.broker.control import agent_key, send
+from inferq.broker.identity import broker_user, node_user_name
+from inferq.broker.topology import Topology
 from inferq.client.registry import RegistryClient
 from inferq.edge.auth import create_key
 from inferq.errors import Unauthorized
@@ -42,8 +47,10 @@ from inferq.runtime.loader import remove_namespace, sync_repository
 from inferq.runtime.modelcache import ModelCache
 from inferq.runtime.proof import prove, proven
 from inferq.runtime.records import NodeRecord
+from inferq.node_users import REVOKED, with_credentials
 from inferq.settings import EtcdSettings, Settings
 from tests.conftest import sample
+from tests.test_edge import v2_input
 from tests.jetson import HOST, ORIN, XAVIER, write_sysroot
 from tests.models import write_mlp
 from tests.test_tls import certificates  # noqa: F401 (fixture)
@@ -178,7 +185,9 @@ async def test_a_join_gives_a_node_credential_that_revoke_takes_back_and_expired
     assert status == 200, body
     joined = AgentConfig.from_json(json.dumps(body))
     assert joined.node == f"jetson-{node}" and joined.namespace == synced.namespace and joined.artifacts_url == edge.url
-    assert joined.broker_urls == synced.broker.addresses and joined.etcd_endpoints == ("127.0.0.1:2379",)
+    assert joined.broker_user == node_user_name(synced.namespace, joined.node) and not joined.warnings, body
+    assert [broker_user(u) for u in joined.broker_urls] == [joined.broker_user] * len(synced.broker.addresses)
+    assert joined.etcd_endpoints == ("127.0.0.1:2379",) and joined.service_user == broker_user(synced.broker.url)
     artifact = f"{edge.url}/v1/models/{name}/versions/1/artifact"
     headers = {"Authorization": f"Bearer {joined.api_key}"}
     async with http.get(artifact, headers=headers) as resp:
@@ -190,6 +199,120 @@ async def test_a_join_gives_a_node_credential_that_revoke_takes_back_and_expired
         async with http.get(artifact, headers=headers) as resp:
             return resp.status == 401
     await wait_until(refused, 10, "the revoked node credential to be refused")
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def no_node_users_left(settings: Settings) -> AsyncIterator[None]:
+    """RabbitMQ users outlive a namespace: those the joins of this module made (``<ns>.node.*``) go afterwards."""
+    yield
+    async with await BrokerAdmin.open(settings.tenancy.management_url, "/", 10) as admin:
+        for user in await admin.users():
+            if user.startswith(f"{settings.namespace}.node."):
+                await admin.delete_user(user)
+
+
+async def _does_what_a_worker_does(connection: aio_pika.abc.AbstractConnection, namespace: str) -> None:
+    """Find the shared queues and exchanges, declare a queue of the namespace and round-trip a message through it."""
+    topology = Topology(namespace)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.declare_queue(topology.model_queue("mlp", "1"), passive=True)
+    await channel.declare_queue(topology.ledger, passive=True)
+    await channel.get_exchange(topology.control, ensure=True)
+    listener = await channel.declare_queue(exclusive=True)  # as a control listener: server-named, bound to control
+    await listener.bind(topology.control, routing_key=f"nodecheck.{uuid.uuid4().hex}")
+    queue = await channel.declare_queue(f"{namespace}.nodecheck.{uuid.uuid4().hex}", auto_delete=True)
+    await channel.default_exchange.publish(aio_pika.Message(b"hello"), routing_key=queue.name)
+    message = await wait_until(lambda: queue.get(fail=False), 10, "the message back")
+    assert message.body == b"hello"
+    await queue.delete()
+    await channel.close()
+
+
+@pytest.fixture
+async def node_connection() -> AsyncIterator:
+    """Open plain (not robust) AMQP connections, as a node would; each still open is closed afterwards."""
+    opened: list[aio_pika.abc.AbstractConnection] = []
+
+    async def connect(url: str) -> aio_pika.abc.AbstractConnection:
+        opened.append(await aio_pika.connect(url, timeout=10))
+        return opened[-1]
+
+    yield connect
+    for connection in opened:
+        if not connection.is_closed:
+            await connection.close()
+
+
+async def test_a_joined_node_reaches_the_broker_as_its_own_user_and_revoke_refuses_it_and_closes_its_connections(
+        synced, spawn_edge, http, node_connection, tmp_path) -> None:
+    edge = await spawn_edge()
+    async with open_etcd(synced.etcd) as etcd:
+        token = await create_token(etcd, synced.namespace, edge.url, 3600, timeout_s=synced.etcd.timeout_s)
+    node = unique("nano")
+    status, body = await _join(http, edge.url, token.encode(), node)
+    assert status == 200, body
+    first = AgentConfig.from_json(json.dumps(body))
+    user = node_user_name(synced.namespace, node)
+    assert first.broker_user == user and broker_user(first.broker_urls[0]) == user
+    connection = await node_connection(first.broker_urls[0])
+    closed: list[BaseException | None] = []
+    connection.close_callbacks.add(lambda _sender, exc=None: closed.append(exc))
+    await _does_what_a_worker_does(connection, synced.namespace)
+    channel = await connection.channel()
+    with pytest.raises(aio_pika.exceptions.ChannelClosed, match="ACCESS_REFUSED"):  # nothing of another namespace
+        await channel.declare_queue(f"other{uuid.uuid4().hex[:6]}.requests", auto_delete=True)
+
+    status, body = await _join(http, edge.url, token.encode(), node)  # a rejoin: a new password, the old one is refused
+    assert status == 200, body
+    second = AgentConfig.from_json(json.dumps(body))
+    assert second.broker_user == user and second.broker_urls != first.broker_urls
+    with pytest.raises(aio_pika.exceptions.ProbableAuthenticationError):
+        await aio_pika.connect(first.broker_urls[0], timeout=10)
+    await node_connection(second.broker_urls[0])
+
+    revoke = Process(["agent", "revoke", node], synced, tmp_path / "revoke.log")
+    assert await revoke.wait(30) == 0, revoke.output()
+    assert f"broker user {user}" in revoke.output() and "API key" in revoke.output(), revoke.output()
+    await wait_until(lambda: closed, 5, "the revoked node's open connection to be closed")
+    assert "CONNECTION_FORCED" in repr(closed[0]), closed
+    with pytest.raises(aio_pika.exceptions.ProbableAuthenticationError):
+        await aio_pika.connect(second.broker_urls[0], timeout=10)
+    again = Process(["agent", "revoke", node], synced, tmp_path / "revoke-again.log")
+    assert await again.wait(30) == 0, again.output()
+    assert "nothing left to revoke" in again.output(), again.output()
+
+
+async def test_the_management_api_lists_a_users_connections_and_closes_them_with_a_reason(synced, node_connection) -> None:
+    user, password = node_user_name(synced.namespace, unique("closing")), uuid.uuid4().hex
+    async with await BrokerAdmin.open(synced.tenancy.management_url, "/", 10) as admin:
+        await admin.put_user(user, password)
+        await admin.set_permissions(user, service_permissions(synced.namespace))
+        connection = await node_connection(with_credentials(synced.broker.url, user, password))
+        closed: list[BaseException | None] = []
+        connection.close_callbacks.add(lambda _sender, exc=None: closed.append(exc))
+        names = await wait_until(lambda: admin.connections_of(user), 10, "the management API to list the connection")
+        assert len(names) == 1 and await admin.close_connection(names[0], REVOKED)
+        await wait_until(lambda: closed, 5, "the connection to be closed")
+        assert REVOKED in repr(closed[0]), closed
+        assert not await admin.close_connection(names[0], REVOKED), "a connection gone already is no error"
+        assert await admin.delete_user(user) and not await admin.delete_user(user)
+
+
+async def test_without_the_management_api_a_join_shares_the_cluster_credentials_and_says_revoke_cannot_cut_them(
+        synced, spawn_edge, http, tmp_path) -> None:
+    edge = await spawn_edge(env={"INFERQ_TENANCY_MANAGEMENT_URL": "http://guest:guest@127.0.0.1:1/"})  # nothing there
+    async with open_etcd(synced.etcd) as etcd:
+        token = await create_token(etcd, synced.namespace, edge.url, 3600, timeout_s=synced.etcd.timeout_s)
+    node = unique("shared")
+    status, body = await _join(http, edge.url, token.encode(), node)
+    assert status == 200, body
+    joined = AgentConfig.from_json(json.dumps(body))
+    assert joined.broker_urls == synced.broker.addresses and joined.broker_user == ""
+    assert len(joined.warnings) == 1 and "shared broker credentials" in joined.warnings[0], joined.warnings
+    assert "shared broker credentials" in edge.process.output()
+    revoke = Process(["agent", "revoke", node], synced, tmp_path / "revoke.log")
+    assert await revoke.wait(30) == 0, revoke.output()
+    assert "revoked API key" in revoke.output() and "rotate the service user's password" in revoke.output(), revoke.output()
 
 
 async def _tls_proxy(certificates: Path, target_port: int) -> asyncio.AbstractServer:
@@ -515,6 +638,38 @@ async def test_the_autoscaler_places_a_model_requiring_a_jetson_only_on_one_and_
 
 async def _passed_over(settings: Settings, model: str, host: str) -> bool:
     return f"{host}: does not meet require: kind is 'host', not 'jetson'" in await _decision_reason(settings, model)
+
+
+async def test_a_joined_node_serves_edge_jobs_with_auth_on_as_its_own_user_and_revoke_cuts_its_agent_off_the_broker(
+        synced, spawn_edge, spawn_node_agent, amqp, http, tmp_path) -> None:
+    edge = await spawn_edge(env={"INFERQ_EDGE_AUTH": "true"})
+    async with open_etcd(synced.etcd) as etcd:
+        key = await create_key(etcd, synced.namespace, unique("acme"), 0, 0, synced.etcd.timeout_s)
+        token = await create_token(etcd, synced.namespace, edge.url, 3600, timeout_s=synced.etcd.timeout_s)
+    status, body = await _join(http, edge.url, token.encode(), unique("secure"))
+    assert status == 200, body
+    joined = AgentConfig.from_json(json.dumps(body))
+    path = write_config(tmp_path / "agent.toml", joined, {})
+    mine = Settings.load(path, env={})
+    assert broker_user(mine.broker.url) == joined.broker_user and mine.tenancy.service_user == broker_user(synced.broker.url)
+    mine = replace(synced, broker=mine.broker, tenancy=mine.tenancy, edge=replace(synced.edge, auth=True))
+    spawn_node_agent(joined.node, mine, synced.model_repository)
+    await wait_until(lambda: _node(synced, joined.node), 30, "the agent's node record")
+    await send(amqp.connection, amqp.topology.control, agent_key(joined.node), {"command": "spawn", "model": "mlp", "version": "1"})
+    await wait_until(lambda: _worker_of(synced, joined.node), 60, "the agent's worker")
+    async with http.post(f"{edge.url}/v1/models/mlp/jobs?wait=30", json={"inputs": [v2_input(sample("mlp"))]},
+                         headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "succeeded", "the node judged the edge's job its own"
+
+    async with await BrokerAdmin.open(synced.tenancy.management_url, "/", 10) as admin:
+        assert len(await wait_until(lambda: admin.connections_of(joined.broker_user), 10, "the node's connections")) >= 2
+        revoke = Process(["agent", "revoke", joined.node], synced, tmp_path / "revoke.log")
+        assert await revoke.wait(30) == 0, revoke.output()
+        await wait_until(lambda: async_not(admin.connections_of(joined.broker_user)), 10, "the node cut off the broker")
+
+
+async def async_not(awaitable: Any) -> bool:
+    return not await awaitable
 
 
 async def test_a_restarted_agent_starts_again_the_workers_it_ran_before_it_was_killed(
