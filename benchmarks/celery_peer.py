@@ -30,7 +30,8 @@ def celery_broker_url(amqp_url: str) -> str:
 class CeleryPeer:
     """One ``celery worker -P prefork`` on a queue of its own, serving ``model_path``."""
 
-    def __init__(self, children: Children, broker_url: str, queue: str, logs: Path) -> None:
+    def __init__(self, children: Children, broker_url: str, queue: str, logs: Path, durable: bool = False) -> None:
+        self.durable = durable  # quorum queue, confirms, late acks (see celery_app)
         self.children = children
         self.broker_url = broker_url
         self.queue = queue
@@ -43,6 +44,7 @@ class CeleryPeer:
             "BENCH_CELERY_QUEUE": self.queue,
             "BENCH_MODEL_PATH": str(model_path),
             "BENCH_ORT_THREADS": str(threads),
+            "BENCH_CELERY_DURABLE": "1" if self.durable else "0",
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -52,12 +54,12 @@ class CeleryPeer:
             "-Q", self.queue, "-n", f"{self.queue}-{model}@%h", "-l", "warning",
             "--without-heartbeat", "--without-gossip", "--without-mingle",
         )
-        self.proc = self.children.start(f"celery {model}", args, self.env(model_path, threads), self.logs / f"celery-{model}.log")
+        self.proc = self.children.start(f"celery {model}", args, self.env(model_path, threads), self.logs / f"{self.queue}-{model}.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"celery worker exited with {self.proc.returncode}: "
-                                   f"{(self.logs / f'celery-{model}.log').read_text(errors='replace')[-2000:]}")
+                                   f"{(self.logs / f'{self.queue}-{model}.log').read_text(errors='replace')[-2000:]}")
             if self._consumers() > 0:
                 return
             time.sleep(0.2)
