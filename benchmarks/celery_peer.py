@@ -94,7 +94,8 @@ class CeleryPeer:
             self.proc = None
 
     def cleanup(self) -> None:
-        """Delete the run's queue and its exchange (Celery declares both under the queue's name)."""
+        """Delete the run's queue and its exchange (Celery declares both under the queue's name), and for the
+        durable configuration Celery's delayed-delivery queues and exchanges."""
         import amqp
 
         try:
@@ -104,6 +105,36 @@ class CeleryPeer:
                 channel.exchange_delete(self.queue)
         except (amqp.exceptions.AMQPError, OSError):
             pass
+        if self.durable:
+            delete_delayed_delivery(self.broker_url)
+
+
+# Celery 5.5+ with a quorum queue declares native delayed delivery (for countdown/ETA): 28 quorum queues
+# ``celery_delayed_0..27`` and their exchanges, under names of no prefix (Celery passes none to kombu).
+DELAYED_LEVELS = 28
+
+
+def delete_delayed_delivery(broker_url: str) -> None:
+    """Delete those queues and exchanges again, each only while empty and unused (the broker may be shared)."""
+    import amqp
+
+    deleted = 0
+    for level in range(DELAYED_LEVELS):
+        try:
+            with _connection(broker_url) as conn:  # a refused delete closes the channel: one connection per level
+                channel = conn.channel()
+                channel.queue_delete(f"celery_delayed_{level}", if_unused=True, if_empty=True)
+                channel.exchange_delete(f"celery_delayed_{level}")  # only once its queue is gone
+                deleted += 1
+        except (amqp.exceptions.AMQPError, OSError):
+            pass
+    if deleted < DELAYED_LEVELS:
+        return  # someone else's delayed tasks: leave the delivery exchange alone
+    try:
+        with _connection(broker_url) as conn:
+            conn.channel().exchange_delete("celery_delayed_delivery")
+    except (amqp.exceptions.AMQPError, OSError):
+        pass
 
 
 def _connection(url: str) -> Any:

@@ -4,8 +4,8 @@ The peers: Celery twice (its defaults, and with inferq's durability: quorum queu
 late acks; see celery_app), BentoML's sync API and task API, and Ray Serve (see http_peers). Every
 system is driven by the same kind of client: an asyncio load generator in a process of its own, whose
 CPU is reported as ``loadgen`` and not charged to the system. For Celery that client publishes Celery's
-own task messages with aio_pika and reads the rpc:// results (see loadgen); Celery's synchronous
-``apply_async`` client needed a core of its own on this 2-core machine. Each configuration runs
+own task messages with aio_pika and reads the rpc:// results (see loadgen)(Celery has no asyncio client;
+its synchronous ``apply_async`` loop is kept as loadgen mode ``celery_sync`` but not run). Each configuration runs
 ``--rounds`` times (default 3), interleaved, and reports its median round with min-max.
 
 Everything the run starts (edge, workers, Celery, load generators) is a child

@@ -15,8 +15,8 @@ Modes (``spec["mode"]``):
 * ``celery``: Celery's own task messages (protocol 2, built by ``app.amqp.as_task_v2`` and serialized
   by kombu, exactly what ``apply_async`` sends) published with aio_pika on asyncio, the same client as
   the ``amqp`` mode; results come back as the rpc:// backend sends them, to an exclusive reply queue
-  with the task id as correlation id. Celery has no asyncio client, and its synchronous one spent a
-  core of the 2 on this machine, so the old client measured the client as much as Celery. With
+  with the task id as correlation id. Celery has no asyncio client; its synchronous one (``celery_sync``)
+  would give Celery a different client from every other system's. With
   ``celery_confirms`` (the durable configuration) every publish waits for the broker's confirm.
 * ``celery_sync``: the old client, ``apply_async`` from one thread (for comparison).
 * ``bentoml``: POST /infer (JSON) to a BentoML service; ``bentoml_task``: POST /infer_task/submit,

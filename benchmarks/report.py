@@ -111,7 +111,7 @@ def summarize(model: dict[str, Any]) -> dict[str, Any]:
             out.setdefault("systems", {})[prefix] = {
                 "jobs_per_s": load, "low_load_p50_ms": low,
                 "cpu_ms_per_job": _get(phases, f"{prefix}_load", "cpu_ms_per_job"),
-                "http_over_it": _ratio(http, load["median"]) if prefix not in ("inferq_http",) else None}
+                "http_over_it": None if prefix.startswith("inferq") else _ratio(http, load["median"])}
     return out
 
 
