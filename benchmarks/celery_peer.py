@@ -123,7 +123,11 @@ def delete_delayed_delivery(broker_url: str) -> None:
         try:
             with _connection(broker_url) as conn:  # a refused delete closes the channel: one connection per level
                 channel = conn.channel()
-                channel.queue_delete(f"celery_delayed_{level}", if_unused=True, if_empty=True)
+                # quorum queues refuse if_unused (and if_empty): check by a passive declare instead
+                _, messages, consumers = channel.queue_declare(f"celery_delayed_{level}", passive=True)
+                if messages or consumers:
+                    continue
+                channel.queue_delete(f"celery_delayed_{level}")
                 channel.exchange_delete(f"celery_delayed_{level}")  # only once its queue is gone
                 deleted += 1
         except (amqp.exceptions.AMQPError, OSError):
