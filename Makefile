@@ -76,9 +76,15 @@ cluster: install system-deps
 cluster-stop: install
 	$(BIN)/inferq services --cluster-stop
 
-bench: services
+# The BentoML and Ray Serve peers each get a virtualenv of their own (Ray is large; neither enters .venv).
+bench: services .venv-bench-bentoml/.installed .venv-bench-ray/.installed
 	$(BIN)/pip install -q -e '.[server,test,bench]'
 	$(BIN)/inferq bench $(BENCH_ARGS)
+
+.venv-bench-%/.installed: benchmarks/peers/requirements-%.txt
+	[ -x .venv-bench-$*/bin/python ] || $(PYTHON) -m venv .venv-bench-$*
+	.venv-bench-$*/bin/pip install -q -r $<
+	touch $@
 
 # Regenerates the committed gRPC stubs of edge/proto/ (see its __init__.py); grpcio-tools stays out of every install.
 GRPC_TOOLS := .grpc-tools

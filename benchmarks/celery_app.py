@@ -3,6 +3,10 @@
 Configured from the environment so the worker (``celery -A benchmarks.celery_app worker``)
 and the load generator agree: ``BENCH_CELERY_BROKER``, ``BENCH_CELERY_QUEUE``,
 ``BENCH_MODEL_PATH``, ``BENCH_ORT_THREADS``. Prefork pool, msgpack, rpc:// results.
+
+``BENCH_CELERY_DURABLE=1`` gives Celery the guarantees inferq has (Celery 5.5+): the task queue is a
+quorum queue, every publish is confirmed, and a task is acked only after it ran (so a worker that dies
+mid-task has it delivered again). Without it: Celery's defaults (classic queue, no confirms, early ack).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from typing import Any
 
 import numpy as np
 from celery import Celery, signals
+from kombu import Exchange, Queue
 
 QUEUE = os.environ.get("BENCH_CELERY_QUEUE", "inferq-bench-celery")
+DURABLE = os.environ.get("BENCH_CELERY_DURABLE") == "1"
 
 app = Celery("inferq_bench", broker=os.environ.get("BENCH_CELERY_BROKER", "amqp://guest:guest@127.0.0.1:5672//"), backend="rpc://")
 app.conf.update(
@@ -32,6 +38,18 @@ app.conf.update(
     result_persistent=False,
     task_ignore_result=False,
 )
+if DURABLE:
+    app.conf.update(
+        # the queue replicated and fsynced by RabbitMQ's Raft log, as inferq's request queues are
+        task_queues=[Queue(QUEUE, Exchange(QUEUE, type="direct"), routing_key=QUEUE, queue_arguments={"x-queue-type": "quorum"})],
+        # quorum queues refuse a global QoS: Celery 5.5 then sets the prefetch per consumer
+        worker_detect_quorum_queues=True,
+        # the worker's own publishes (its results) wait for the broker's confirm, like inferq's ledger writes
+        broker_transport_options={"confirm_publish": True},
+        # ack after the task ran, and give a task back when its prefork child dies: at-least-once, as inferq
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+    )
 
 _session: Any = None
 

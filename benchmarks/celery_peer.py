@@ -30,7 +30,8 @@ def celery_broker_url(amqp_url: str) -> str:
 class CeleryPeer:
     """One ``celery worker -P prefork`` on a queue of its own, serving ``model_path``."""
 
-    def __init__(self, children: Children, broker_url: str, queue: str, logs: Path) -> None:
+    def __init__(self, children: Children, broker_url: str, queue: str, logs: Path, durable: bool = False) -> None:
+        self.durable = durable  # quorum queue, confirms, late acks (see celery_app)
         self.children = children
         self.broker_url = broker_url
         self.queue = queue
@@ -43,6 +44,7 @@ class CeleryPeer:
             "BENCH_CELERY_QUEUE": self.queue,
             "BENCH_MODEL_PATH": str(model_path),
             "BENCH_ORT_THREADS": str(threads),
+            "BENCH_CELERY_DURABLE": "1" if self.durable else "0",
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -52,12 +54,12 @@ class CeleryPeer:
             "-Q", self.queue, "-n", f"{self.queue}-{model}@%h", "-l", "warning",
             "--without-heartbeat", "--without-gossip", "--without-mingle",
         )
-        self.proc = self.children.start(f"celery {model}", args, self.env(model_path, threads), self.logs / f"celery-{model}.log")
+        self.proc = self.children.start(f"celery {model}", args, self.env(model_path, threads), self.logs / f"{self.queue}-{model}.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"celery worker exited with {self.proc.returncode}: "
-                                   f"{(self.logs / f'celery-{model}.log').read_text(errors='replace')[-2000:]}")
+                                   f"{(self.logs / f'{self.queue}-{model}.log').read_text(errors='replace')[-2000:]}")
             if self._consumers() > 0:
                 return
             time.sleep(0.2)
@@ -92,7 +94,8 @@ class CeleryPeer:
             self.proc = None
 
     def cleanup(self) -> None:
-        """Delete the run's queue and its exchange (Celery declares both under the queue's name)."""
+        """Delete the run's queue and its exchange (Celery declares both under the queue's name), and for the
+        durable configuration Celery's delayed-delivery queues and exchanges."""
         import amqp
 
         try:
@@ -102,6 +105,40 @@ class CeleryPeer:
                 channel.exchange_delete(self.queue)
         except (amqp.exceptions.AMQPError, OSError):
             pass
+        if self.durable:
+            delete_delayed_delivery(self.broker_url)
+
+
+# Celery 5.5+ with a quorum queue declares native delayed delivery (for countdown/ETA): 28 quorum queues
+# ``celery_delayed_0..27`` and their exchanges, under names of no prefix (Celery passes none to kombu).
+DELAYED_LEVELS = 28
+
+
+def delete_delayed_delivery(broker_url: str) -> None:
+    """Delete those queues and exchanges again, each only while empty and unused (the broker may be shared)."""
+    import amqp
+
+    deleted = 0
+    for level in range(DELAYED_LEVELS):
+        try:
+            with _connection(broker_url) as conn:  # a refused delete closes the channel: one connection per level
+                channel = conn.channel()
+                # quorum queues refuse if_unused (and if_empty): check by a passive declare instead
+                _, messages, consumers = channel.queue_declare(f"celery_delayed_{level}", passive=True)
+                if messages or consumers:
+                    continue
+                channel.queue_delete(f"celery_delayed_{level}")
+                channel.exchange_delete(f"celery_delayed_{level}")  # only once its queue is gone
+                deleted += 1
+        except (amqp.exceptions.AMQPError, OSError):
+            pass
+    if deleted < DELAYED_LEVELS:
+        return  # someone else's delayed tasks: leave the delivery exchange alone
+    try:
+        with _connection(broker_url) as conn:
+            conn.channel().exchange_delete("celery_delayed_delivery")
+    except (amqp.exceptions.AMQPError, OSError):
+        pass
 
 
 def _connection(url: str) -> Any:

@@ -21,10 +21,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     bench.add_argument("--rate", type=float, default=None, help="open loop instead: jobs/s arriving (concurrency caps in-flight jobs)")
     bench.add_argument("--warmup", type=int, default=None, help="warm-up jobs before each loaded phase (default 200; 30 with --quick)")
     bench.add_argument("--paths", default="http,amqp", help="inferq submit paths: http, amqp or both (default); empty skips inferq")
-    bench.add_argument("--skip-celery", action="store_true", help="no Celery baseline")
+    bench.add_argument("--skip-celery", action="store_true", help="no Celery baselines (default and durable)")
     bench.add_argument("--skip-raw", action="store_true", help="no raw ORT measurement")
     bench.add_argument("--intra-op-threads", type=int, default=None,
                        help="set intra_op_threads in each model's config (worker and raw ORT alike; default: the demo config's, 0 = ORT's choice)")
+    bench.add_argument("--rounds", type=int, default=0,
+                       help="rounds of every configuration, interleaved; median and min-max reported (default 3; 1 with --quick)")
+    bench.add_argument("--peers", default="bentoml,bentoml_task,ray",
+                       help="HTTP peers from their own virtualenvs (.venv-bench-*): bentoml, bentoml_task, ray; empty for none")
     bench.add_argument("--celery-concurrency", type=int, default=0, help="Celery prefork processes (default: CPU count)")
     bench.add_argument("--celery-threads", type=int, default=1, help="ORT intra-op threads per Celery process (default 1)")
     bench.add_argument("--raw-seconds", type=float, default=0.0, help="seconds per batch size in the raw sweep (default 0.6; 0.2 with --quick)")

@@ -1,4 +1,12 @@
-"""One bench run: raw ORT ceiling, inferq end to end (HTTP and AMQP-direct), Celery baseline; JSON + table.
+"""One bench run: raw ORT ceiling, inferq end to end (HTTP and AMQP-direct), the peers; JSON + table.
+
+The peers: Celery twice (its defaults, and with inferq's durability: quorum queue, publisher confirms,
+late acks; see celery_app), BentoML's sync API and task API, and Ray Serve (see http_peers). Every
+system is driven by the same kind of client: an asyncio load generator in a process of its own, whose
+CPU is reported as ``loadgen`` and not charged to the system. For Celery that client publishes Celery's
+own task messages with aio_pika and reads the rpc:// results (see loadgen)(Celery has no asyncio client;
+its synchronous ``apply_async`` loop is kept as loadgen mode ``celery_sync`` but not run). Each configuration runs
+``--rounds`` times (default 3), interleaved, and reports its median round with min-max.
 
 Everything the run starts (edge, workers, Celery, load generators) is a child
 process in its own session and is stopped in ``finally``, also on Ctrl-C or
@@ -20,17 +28,19 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from inferq.benchmarks import raw
+from inferq.benchmarks import http_peers
 from inferq.benchmarks.celery_peer import CeleryPeer, available, celery_broker_url
 from inferq.benchmarks.procs import ROOT, Children, CpuWatch, broker_pid, per_job_ms, python_argv, wait_quiet
 from inferq.benchmarks.profiling import Profiler
-from inferq.benchmarks.report import summarize, table
+from inferq.benchmarks.report import compact, median_round, summarize, table
 from inferq.benchmarks.stack import BrokerWatch, Stack
 from inferq.settings import Settings
 
@@ -64,6 +74,9 @@ class Options:
     keep: bool
     profile: Path | None
     intra_op_threads: int | None
+    rounds: int = 3
+    peers: list[str] = field(default_factory=list)
+    peer_threads: int = 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -91,11 +104,52 @@ class Options:
             keep=args.keep,
             profile=Path(args.profile) if args.profile else None,
             intra_op_threads=args.intra_op_threads,
+            rounds=args.rounds or (1 if quick else 3),
+            peers=_peer_list(args.peers),
+            peer_threads=args.celery_threads,
         )
 
     def jobs_for(self, model: str, low: bool) -> int:
         n = self.low_jobs if low else self.jobs
         return max(20, int(n * JOB_SCALE[model]))
+
+
+PEER_KINDS = ("bentoml", "bentoml_task", "ray")
+
+
+def _peer_list(text: str) -> list[str]:
+    peers = [p.strip() for p in (text or "").split(",") if p.strip()]
+    if set(peers) - set(PEER_KINDS):
+        raise SystemExit(f"--peers takes {', '.join(PEER_KINDS)}")
+    return peers
+
+
+@dataclass
+class Peers:
+    """The peers of this run that could be set up."""
+
+    celery: CeleryPeer | None = None
+    celery_durable: CeleryPeer | None = None
+    http: dict[str, http_peers.HttpPeer] = field(default_factory=dict)
+
+    def cleanup(self) -> None:
+        for peer in (self.celery, self.celery_durable):
+            if peer is not None:
+                peer.cleanup()
+        for peer in self.http.values():
+            peer.stop()
+
+
+def _peer_versions(opts: Options) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    if any(p.startswith("bentoml") for p in opts.peers):
+        versions["bentoml"] = http_peers.version("bentoml", "bentoml")
+    if "ray" in opts.peers:
+        versions["ray"] = http_peers.version("ray", "ray")
+    for name, v in versions.items():
+        if v is None:
+            say(f"{name} is not installed in .venv-bench-{name} (make bench creates it): skipping it")
+    return versions
 
 
 class Interrupted(Exception):
@@ -117,11 +171,13 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     if not opts.skip_celery and celery_version is None:
         say("celery is not installed (pip install 'celery>=5.3', or the 'bench' extra): skipping the Celery baseline")
     celery_queue = f"inferq-bench-celery-{namespace}"
-    result: dict[str, Any] = {"run_id": run_id, "status": "running", "meta": _meta(settings, opts, namespace, celery_version),
+    peer_versions = _peer_versions(opts)
+    result: dict[str, Any] = {"run_id": run_id, "status": "running",
+                              "meta": {**_meta(settings, opts, namespace, celery_version), "peers": peer_versions},
                               "models": {}, "summary": {}}
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     stack: Stack | None = None
-    peer: CeleryPeer | None = None
+    peers = Peers()
     broker_watch = BrokerWatch(settings.broker.addresses[0]).start()
     code = 0
     say(f"inferq bench {run_id}: models {','.join(opts.models)}, {opts.jobs} jobs at {opts.concurrency} in flight"
@@ -135,10 +191,15 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         if beam is None:
             say("  (no beam.smp process found: broker CPU is not reported)")
         if celery_version:
-            peer = CeleryPeer(children, celery_broker_url(settings.broker.addresses[0]), celery_queue, stack.logs)
+            url = celery_broker_url(settings.broker.addresses[0])
+            peers.celery = CeleryPeer(children, url, celery_queue, stack.logs)
+            peers.celery_durable = CeleryPeer(children, url, celery_queue + "-durable", stack.logs, durable=True)
+        for kind in opts.peers:
+            if peer_versions.get(kind.split("_")[0]):
+                peers.http[kind] = http_peers.HttpPeer(kind, children, stack.logs)
         for model in opts.models:
             result["models"][model] = {}
-            _bench_model(model, opts, stack, peer, beam, workdir, broker_watch, result["models"][model])
+            _bench_model(model, opts, stack, peers, beam, workdir, broker_watch, result["models"][model])
             result["summary"][model] = summarize(result["models"][model])
         result["status"] = "complete"
     except KeyboardInterrupt:
@@ -153,7 +214,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         children.stop_all()
         broker_watch.stop()
         result["broker_restarts_seen"] = len(broker_watch.losses)
-        for cleanup in ((peer.cleanup if peer else None), (stack.remove_namespace if stack else None)):
+        result["peer_processes_left_after_stop"] = {k: len(p.leftovers) for k, p in peers.http.items()}
+        for cleanup in (peers.cleanup, (stack.remove_namespace if stack else None)):
             if cleanup is None:
                 continue
             try:
@@ -173,7 +235,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     return code
 
 
-def _bench_model(model: str, opts: Options, stack: Stack, peer: CeleryPeer | None, beam: int | None, workdir: Path,
+def _bench_model(model: str, opts: Options, stack: Stack, peers: Peers, beam: int | None, workdir: Path,
                  watch: BrokerWatch, out: dict[str, Any]) -> None:
     """Every phase of one model, recorded into ``out`` as it completes (so an interrupted run keeps them)."""
     from inferq.runtime.repository import load_model
@@ -201,54 +263,108 @@ def _bench_model(model: str, opts: Options, stack: Stack, peer: CeleryPeer | Non
 
     base = {"model": model, "inputs_path": str(inputs_path), "url": stack.url, "namespace": stack.settings.namespace,
             "broker_url": stack.settings.broker.addresses[0], "progress_s": 1.0}
+    systems = _systems(model, opts, stack, peers, path, beam)
+    _run_rounds(systems, model, opts, base, workdir, watch, stack, reference, out)
+
+
+@dataclass
+class System:
+    """One configuration under test: how it starts and stops, which processes it runs, and its phases.
+
+    ``phases`` are (phase name prefix, spec fields) pairs; each runs a low-load and a loaded phase.
+    """
+
+    name: str
+    start: Callable[[], None]
+    stop: Callable[[], None]
+    pids: Callable[[], dict[str, int]]
+    phases: list[tuple[str, dict[str, Any]]]
+    env: dict[str, str] | None = None
+    url: Callable[[], str] | None = None
+    recover: Callable[[], None] | None = None
+    inferq: bool = False
+
+
+def _systems(model: str, opts: Options, stack: Stack, peers: Peers, path: Path, beam: int | None) -> list[System]:
+    """Every configuration of this run, in the order each round runs them."""
+    broker = {"broker": beam} if beam else {}
+    systems = []
     if opts.paths:
-        say(f"[{model}] inferq: starting worker")
-        stack.start_worker(model)
-
-        def pids() -> dict[str, int]:
-            return {"edge": stack.edge.pid, "worker": stack.workers[model].pid, **({"broker": beam} if beam else {})}
-
         def recover() -> None:  # a fresh edge and worker: nothing carried over from a disturbed attempt
             say(f"  restarting the edge and the {model} worker")
             stack.stop()
             stack.start_edge()
             stack.start_worker(model)
 
-        try:
-            for path_name in opts.paths:
-                for low in (True, False):
-                    name = f"inferq_{path_name}_{'low' if low else 'load'}"
-                    spec = dict(base, mode=path_name, **_load_shape(model, opts, low), label=f"[{model}] inferq {path_name} {_shape_text(opts, low)}")
-                    out["phases"][name] = _retrying(
-                        lambda: _phase(spec, pids(), workdir, opts, watch, stack=stack, model=model,
-                                       profile=None if low else f"{model}-{path_name}"),
-                        recover, spec["label"])
-                    _check_output(out["phases"][name], reference)
-        finally:
-            stack.stop_worker(model)
+        systems.append(System(
+            "inferq", lambda: stack.start_worker(model), lambda: stack.stop_worker(model),
+            lambda: {"edge": stack.edge.pid, "worker": stack.workers[model].pid, **broker},
+            [(f"inferq_{p}", {"mode": p}) for p in opts.paths], recover=recover, inferq=True))
+    for prefix, peer in (("celery", peers.celery), ("celery_durable", peers.celery_durable)):
+        if peer is None:
+            continue
+        systems.append(System(
+            prefix, lambda peer=peer: peer.start(model, path, opts.celery_concurrency, opts.celery_threads),
+            lambda peer=peer: (peer.stop(), peer.cleanup()),
+            lambda peer=peer: {"worker": peer.proc.pid, **broker},
+            # the durable Celery's client waits for publisher confirms, as inferq's 202 and AMQP confirm do
+            [(prefix, {"mode": "celery", "celery_confirms": peer.durable})], env=peer.env(path, opts.celery_threads)))
+    for kind, peer in peers.http.items():
+        systems.append(System(
+            kind, lambda peer=peer: peer.start(path, opts.peer_threads), peer.stop, peer.pids,
+            [(kind, {"mode": kind})], url=lambda peer=peer: peer.url))
+    return systems
 
-    if peer is not None:
-        say(f"[{model}] celery: starting a prefork worker (-c {opts.celery_concurrency}, intra_op_threads={opts.celery_threads})")
-        peer.start(model, path, opts.celery_concurrency, opts.celery_threads)
-        env = peer.env(path, opts.celery_threads)
 
-        def celery_pids() -> dict[str, int]:
-            return {"worker": peer.proc.pid, **({"broker": beam} if beam else {})}
+def _run_rounds(systems: list[System], model: str, opts: Options, base: dict[str, Any], workdir: Path, watch: BrokerWatch,
+                stack: Stack, reference: np.ndarray, out: dict[str, Any]) -> None:
+    """``opts.rounds`` rounds, each running every system in turn (interleaved, so a slow spell of the machine
+    hits all of them alike); a phase's figures are those of its median round, with the spread beside them."""
+    rounds: dict[str, list[dict[str, Any]]] = out.setdefault("rounds", {})
+    for r in range(1, opts.rounds + 1):
+        for system in systems:
+            say(f"[{model}] round {r}/{opts.rounds}: {system.name}: starting")
+            try:
+                system.start()
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot start is recorded, the others still run
+                say(f"  {system.name} did not start: {type(exc).__name__}: {exc}")
+                out.setdefault("start_failures", []).append(f"round {r} {system.name}: {type(exc).__name__}: {str(exc)[:300]}")
+                system.stop()
+                continue
+            try:
+                for prefix, fields in system.phases:
+                    for low in (True, False):
+                        name = f"{prefix}_{'low' if low else 'load'}"
+                        res = _system_phase(system, prefix, fields, low, r, model, opts, base, workdir, watch, stack)
+                        _check_output(res, reference)
+                        res["round"] = r
+                        rounds.setdefault(name, []).append(res)
+                        out["phases"][name] = median_round(rounds[name], "p50" if low else "jobs_per_s")
+            finally:
+                system.stop()
+    for name, results in rounds.items():
+        rounds[name] = [compact(res) for res in results]
 
-        def celery_recover() -> None:
-            say("  restarting the celery worker")
-            peer.stop()
-            peer.start(model, path, opts.celery_concurrency, opts.celery_threads)
 
-        try:
-            for low in (True, False):
-                name = f"celery_{'low' if low else 'load'}"
-                spec = dict(base, mode="celery", **_load_shape(model, opts, low), label=f"[{model}] celery {_shape_text(opts, low)}")
-                out["phases"][name] = _retrying(lambda: _phase(spec, celery_pids(), workdir, opts, watch, env=env), celery_recover, spec["label"])
-                _check_output(out["phases"][name], reference)
-        finally:
-            peer.stop()
-            peer.cleanup()
+def _system_phase(system: System, prefix: str, fields: dict[str, Any], low: bool, r: int, model: str, opts: Options,
+                  base: dict[str, Any], workdir: Path, watch: BrokerWatch, stack: Stack) -> dict[str, Any]:
+    spec = dict(base, **fields, **_load_shape(model, opts, low),
+                label=f"[{model}] {prefix.replace('_', ' ')} r{r} {_shape_text(opts, low)}")
+    def attempt() -> dict[str, Any]:  # a restarted peer listens on a new port
+        now = dict(spec, url=system.url()) if system.url is not None else spec
+        return _phase(now, system.pids(), workdir, opts, watch, env=system.env,
+                      stack=stack if system.inferq else None, model=model if system.inferq else None,
+                      profile=None if (low or not system.inferq) else f"{model}-{prefix}")
+
+    def recover() -> None:
+        if system.recover is not None:
+            system.recover()
+            return
+        say(f"  restarting {system.name}")
+        system.stop()
+        system.start()
+
+    return _retrying(attempt, recover, spec["label"])
 
 
 def _retrying(phase: Any, recover: Any, label: str, attempts: int = 4) -> dict[str, Any]:

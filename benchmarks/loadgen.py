@@ -12,7 +12,16 @@ Modes (``spec["mode"]``):
   (``Accept: application/msgpack``); latency is submit start -> result read.
 * ``amqp``: publish to ``<ns>.requests`` (routing key = model) with ``reply_to``
   an exclusive queue, publisher confirms on; latency is publish start -> reply.
-* ``celery``: ``apply_async`` of ``bench.infer``, results through the rpc:// backend.
+* ``celery``: Celery's own task messages (protocol 2, built by ``app.amqp.as_task_v2`` and serialized
+  by kombu, exactly what ``apply_async`` sends) published with aio_pika on asyncio, the same client as
+  the ``amqp`` mode; results come back as the rpc:// backend sends them, to an exclusive reply queue
+  with the task id as correlation id. Celery has no asyncio client; its synchronous one (``celery_sync``)
+  would give Celery a different client from every other system's. With
+  ``celery_confirms`` (the durable configuration) every publish waits for the broker's confirm.
+* ``celery_sync``: the old client, ``apply_async`` from one thread (for comparison).
+* ``bentoml``: POST /infer (JSON) to a BentoML service; ``bentoml_task``: POST /infer_task/submit,
+  then GET /infer_task/status until done and GET /infer_task/get.
+* ``ray``: POST / (JSON) to a Ray Serve deployment behind its HTTP proxy.
 
 Closed loop (``concurrency`` jobs in flight) unless ``rate`` is set: open loop,
 jobs arrive every ``1/rate`` s and latency counts from the scheduled arrival
@@ -324,15 +333,126 @@ def run_celery(spec: dict[str, Any], out: dict[str, Any]) -> None:
     out["loadgen_cpu_s"] = round((usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime), 4)
 
 
+async def run_celery_async(spec: dict[str, Any], out: dict[str, Any]) -> None:
+    """Celery task messages over aio_pika; results as the rpc:// backend publishes them."""
+    import aio_pika
+    from kombu.serialization import dumps
+
+    from inferq.benchmarks.celery_app import QUEUE, app
+
+    x = np.load(spec["inputs_path"])
+    payloads = [(s[None].tobytes(), [1, *x.shape[1:]]) for s in x]
+    connection = await aio_pika.connect(spec["broker_url"])
+    try:
+        publisher = await connection.channel(publisher_confirms=bool(spec.get("celery_confirms")))
+        exchange = await publisher.get_exchange(QUEUE, ensure=False)
+        replies = await connection.channel()
+        queue = await replies.declare_queue(exclusive=True, auto_delete=True)
+        waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            future = waiting.pop(message.correlation_id or "", None)
+            if future is not None and not future.done():
+                future.set_result(msgpack.unpackb(message.body, raw=False))
+
+        await queue.consume(on_reply, no_ack=True)
+        loop = asyncio.get_running_loop()
+
+        async def job(rec: Recorder, i: int, arrival: float) -> None:
+            sample = i % len(payloads)
+            task_id = str(uuid.uuid4())
+            future = waiting[task_id] = loop.create_future()
+            # argsrepr: a short text instead of repr() of 1 KB of bytes, which only feeds Celery's logs
+            headers, props, body, _ = app.amqp.as_task_v2(task_id, "bench.infer", args=payloads[sample], kwargs={},
+                                                          reply_to=queue.name, argsrepr="(sample)", kwargsrepr="{}")
+            content_type, encoding, data = dumps(body, serializer="msgpack")
+            message = aio_pika.Message(data, headers=headers, content_type=content_type, content_encoding=encoding,
+                                       correlation_id=props["correlation_id"], reply_to=props["reply_to"],
+                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT, priority=0)
+            try:
+                await exchange.publish(message, routing_key=QUEUE)
+                result = await asyncio.wait_for(future, float(spec.get("job_timeout_s", 60)))
+            except (aio_pika.exceptions.AMQPError, asyncio.TimeoutError, OSError) as exc:
+                waiting.pop(task_id, None)
+                rec.fail(f"{type(exc).__name__}: {exc}")
+                return
+            done = time.perf_counter()
+            if result.get("status") != "SUCCESS":
+                rec.fail(f"task {result.get('status')}: {result.get('result')!r}")
+                return
+            rec.ok(done - arrival, None, result["result"][0], sample)
+
+        await _phases(spec, out, job)
+    finally:
+        await connection.close()
+
+
+def _json_samples(spec: dict[str, Any]) -> list[bytes]:
+    x = np.load(spec["inputs_path"])
+    return [json.dumps({"x": s[None].tolist()}).encode() for s in x]
+
+
+def _floats(doc: Any) -> bytes:
+    return np.asarray(doc, dtype=np.float32).ravel().tobytes()
+
+
+async def run_peer_http(spec: dict[str, Any], out: dict[str, Any]) -> None:
+    """BentoML (sync API or task API) or Ray Serve over HTTP with JSON, the peers' documented clients' format."""
+    import aiohttp
+
+    bodies = _json_samples(spec)
+    base = spec["url"].rstrip("/")
+    mode = spec["mode"]
+    headers = {"Content-Type": "application/json"}
+    job_timeout = float(spec.get("job_timeout_s", 60))
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=job_timeout + 5)) as http:
+
+        async def call(method: str, url: str, **kw: Any) -> Any:
+            async with http.request(method, url, **kw) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise ValueError(f"{method} {url.rsplit('/', 1)[-1]} HTTP {resp.status}: {raw[:200]!r}")
+                return json.loads(raw)
+
+        async def task(body: bytes, arrival: float) -> Any:
+            tid = (await call("POST", f"{base}/infer_task/submit", data=body, headers=headers))["task_id"]
+            while True:  # BentoML's task API has no long-poll: its client polls the status
+                status = (await call("GET", f"{base}/infer_task/status", params={"task_id": tid}))["status"]
+                if status in ("completed", "success"):
+                    return await call("GET", f"{base}/infer_task/get", params={"task_id": tid})
+                if status not in ("in_progress", "pending"):
+                    raise ValueError(f"task {status}")
+                if time.perf_counter() - arrival > job_timeout:
+                    raise ValueError(f"task not done after {job_timeout:g}s")
+                await asyncio.sleep(0.005)
+
+        async def job(rec: Recorder, i: int, arrival: float) -> None:
+            sample = i % len(bodies)
+            try:
+                if mode == "bentoml_task":
+                    doc = await task(bodies[sample], arrival)
+                else:
+                    doc = await call("POST", f"{base}/infer" if mode == "bentoml" else f"{base}/", data=bodies[sample], headers=headers)
+            except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
+                rec.fail(f"{type(exc).__name__}: {exc}")
+                return
+            rec.ok(time.perf_counter() - arrival, None, _floats(doc), sample)
+
+        await _phases(spec, out, job)
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     out: dict[str, Any] = {"mode": spec["mode"], "model": spec["model"], "concurrency": spec["concurrency"], "rate": spec.get("rate")}
-    if spec["mode"] == "celery":
+    if spec["mode"] == "celery_sync":
         run_celery(spec, out)
     else:
         import uvloop
 
-        uvloop.run(run_http(spec, out) if spec["mode"] == "http" else run_amqp(spec, out))
+        runners = {"http": run_http, "amqp": run_amqp, "celery": run_celery_async,
+                   "bentoml": run_peer_http, "bentoml_task": run_peer_http, "ray": run_peer_http}
+        uvloop.run(runners[spec["mode"]](spec, out))
     Path(argv[1]).write_text(json.dumps(out))
     return 0
 

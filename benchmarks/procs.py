@@ -31,7 +31,7 @@ class Children:
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             proc = subprocess.Popen(
-                argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdin=kwargs.pop("stdin", subprocess.DEVNULL),
+                argv, cwd=kwargs.pop("cwd", ROOT), env={**os.environ, **(env or {})}, stdin=kwargs.pop("stdin", subprocess.DEVNULL),
                 stdout=kwargs.pop("stdout", out), stderr=kwargs.pop("stderr", subprocess.STDOUT if log_path else None),
                 start_new_session=True, **kwargs,
             )
@@ -99,6 +99,17 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Ray's workers are the raylet's children, grandchildren of its driver)."""
+    out: list[int] = []
+    todo = child_pids(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += child_pids(p)
+    return out
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine from /proc/stat."""
     parts = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -124,7 +135,7 @@ def broker_pid() -> int | None:
 
 @dataclass
 class CpuWatch:
-    """CPU used by named processes (each with its children, e.g. a prefork pool) between start and stop."""
+    """CPU used by named processes (each with all its descendants, e.g. a prefork pool) between start and stop."""
 
     pids: dict[str, int]
     include_children: bool = True
@@ -132,7 +143,7 @@ class CpuWatch:
     def _snapshot(self) -> dict[str, dict[int, int]]:
         snap: dict[str, dict[int, int]] = {}
         for name, pid in self.pids.items():
-            group = [pid, *(child_pids(pid) if self.include_children else [])]
+            group = [pid, *(descendants(pid) if self.include_children else [])]
             snap[name] = {p: t for p in group if (t := cpu_ticks(p)) is not None}
         return snap
 

@@ -23,6 +23,56 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 4) if a and b else None
 
 
+# (phase prefix, what the table calls it); inferq's own rows first
+SYSTEMS = (("inferq_http", "inferq HTTP, POST ?wait="), ("inferq_amqp", "inferq AMQP, confirms + reply_to"),
+           ("celery", "Celery, defaults (prefork, rpc://)"),
+           ("celery_durable", "Celery, quorum queue + confirms + acks_late"),
+           ("bentoml", "BentoML sync API, 2 workers, adaptive batching"),
+           ("bentoml_task", "BentoML task API, 1 worker, submit + poll"),
+           ("ray", "Ray Serve, @serve.batch, 1 replica"))
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    """Median (the lower middle one for an even count, so it is a value that was measured), min and max."""
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    return {"median": vals[(len(vals) - 1) // 2], "min": vals[0], "max": vals[-1], "n": len(vals)}
+
+
+def median_round(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The round whose ``key`` (jobs_per_s, or the latency percentile p50) is the median, with the spread of
+    jobs/s and latency p50/p99 over all rounds beside its own figures."""
+    def value(res: dict[str, Any]) -> float:
+        return res.get("jobs_per_s", 0.0) if key == "jobs_per_s" else res.get("latency_ms", {}).get(key, float("inf"))
+
+    chosen = sorted(results, key=value)[(len(results) - 1) // 2]
+    lat = [r.get("latency_ms", {}) for r in results]
+    return {**chosen, "spread": {"rounds": [r.get("round") for r in results],
+                                 "jobs_per_s": spread([r.get("jobs_per_s") for r in results]),
+                                 "p50_ms": spread([x.get("p50") for x in lat]), "p99_ms": spread([x.get("p99") for x in lat])}}
+
+
+COMPACT_KEYS = ("round", "ok", "errors", "jobs_per_s", "duration_s", "latency_ms", "cpu_ms_per_job", "attempts",
+                "output_matches_reference", "mean_batch_size_per_job", "loadgen_cpu_s")
+
+
+def compact(res: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one round worth keeping beside the median round's full record."""
+    out = {k: res[k] for k in COMPACT_KEYS if k in res}
+    out["machine_busy_pct"] = res.get("cpu", {}).get("machine_busy_pct")
+    return out
+
+
+def range_text(sp: dict[str, float] | None, fmt: str = "{:,.0f}") -> str:
+    """``245 (230-260)``: the median and the range of the rounds."""
+    if not sp:
+        return "-"
+    if sp["n"] == 1:
+        return fmt.format(sp["median"])
+    return f"{fmt.format(sp['median'])} ({fmt.format(sp['min'])}\u2013{fmt.format(sp['max'])})"
+
+
 def summarize(model: dict[str, Any]) -> dict[str, Any]:
     """The figures the issue asks for, from one model's phases."""
     phases = model.get("phases", {})
@@ -54,6 +104,14 @@ def summarize(model: dict[str, Any]) -> dict[str, Any]:
         out[f"{name}_mean_batch_per_batch"] = _get(phases, name, "worker_stats", "mean_batch_per_batch")
     for name in ("inferq_http_load", "inferq_amqp_load", "celery_load"):
         out[f"{name}_cpu_ms_per_job"] = _get(phases, name, "cpu_ms_per_job")
+    for prefix, _ in SYSTEMS:
+        load = _get(phases, f"{prefix}_load", "spread", "jobs_per_s")
+        low = _get(phases, f"{prefix}_low", "spread", "p50_ms")
+        if load:
+            out.setdefault("systems", {})[prefix] = {
+                "jobs_per_s": load, "low_load_p50_ms": low,
+                "cpu_ms_per_job": _get(phases, f"{prefix}_load", "cpu_ms_per_job"),
+                "http_over_it": None if prefix.startswith("inferq") else _ratio(http, load["median"])}
     return out
 
 
@@ -118,6 +176,16 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"  {model + ' ' + name.replace('_load', '').replace('_', ' '):<32}{_f(c.get('edge'), '{:.3f}'):>8}"
                          f"{_f(c.get('worker'), '{:.3f}'):>8}{_f(c.get('broker'), '{:.3f}'):>8}{_f(c.get('loadgen'), '{:.3f}'):>9}"
                          f"{_f(c.get('total'), '{:.3f}'):>8}   {phase['cpu']['machine_busy_pct']}% ({phase['cpu'].get('foreign_busy_pct', '?')}%)")
+    for model, s in result.get("summary", {}).items():
+        if not s.get("systems"):
+            continue
+        lines += ["", f"{model}: median of {result['meta'].get('options', {}).get('rounds', '?')} interleaved rounds (min-max)",
+                  f"  {'system':<50}{'jobs/s':>22}{'low-load p50 ms':>24}{'inferq HTTP / it':>18}{'CPU ms/job':>12}"]
+        for prefix, label in SYSTEMS:
+            row = s["systems"].get(prefix)
+            if row:
+                lines.append(f"  {label:<50}{range_text(row['jobs_per_s']):>22}{range_text(row['low_load_p50_ms'], '{:.2f}'):>24}"
+                             f"{_f(row['http_over_it'], '{:.2f}x'):>18}{_f((row['cpu_ms_per_job'] or {}).get('total'), '{:.2f}'):>12}")
     rows = targets(result)
     if rows:
         lines += ["", "targets:"]
