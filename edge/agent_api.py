@@ -4,7 +4,7 @@ These routes are public (no API key): the join token is the join's credential, a
 script and wheel hold no secret (k3s serves its installer the same way). A join
 answers the node's settings with fresh credentials of its own that ``inferq agent
 revoke NODE`` deletes: an API key of role ``node`` (tenant ``node:<name>``) and,
-when the management API is reachable, a broker user (:mod:`inferq.node_users`),
+when the management API is reachable, a broker user (:mod:`inferq.edge.node_users`),
 else the shared broker credentials with a warning in the answer. Joining again
 under the same name replaces the old API key and sets a new broker password.
 """
@@ -26,7 +26,7 @@ from inferq.edge.auth import create_key, revoke_keys, token_hash
 from inferq.edge.install_script import render_install_script
 from inferq.edge.responses import json_response
 from inferq.errors import CodecError, ConfigError, InvalidInput, NotFound
-from inferq.node_users import issue_node_user
+from inferq.edge.node_users import issue_node_user
 from inferq.runtime.coordination import keys, translated
 from inferq.runtime.jointoken import AgentConfig, AgentRecord, JoinToken, check_node_name, check_token
 from inferq.settings import Settings

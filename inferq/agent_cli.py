@@ -133,7 +133,7 @@ def _token_revoke(settings: Settings, args: argparse.Namespace) -> int:
 def _revoke(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
 
-    from inferq.node_users import revoke_node
+    from inferq.edge.node_users import revoke_node
     from inferq.runtime.coordination import open_etcd
 
     async def main() -> Any:

@@ -9,7 +9,7 @@ exchanges a valid token for the node's configuration (:class:`AgentConfig`),
 including per-node credentials that ``inferq agent revoke NODE`` takes back
 (:class:`AgentRecord`): an API key of role ``node`` (model fetch) and, when the
 edge can reach RabbitMQ's management API, a broker user of the node's own
-(``<ns>.node.<node>``, see :mod:`inferq.node_users`) in the broker URLs.
+(``<ns>.node.<node>``, see :mod:`inferq.edge.node_users`) in the broker URLs.
 """
 
 from __future__ import annotations

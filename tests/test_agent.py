@@ -47,7 +47,7 @@ from inferq.runtime.loader import remove_namespace, sync_repository
 from inferq.runtime.modelcache import ModelCache
 from inferq.runtime.proof import prove, proven
 from inferq.runtime.records import NodeRecord
-from inferq.node_users import REVOKED, with_credentials
+from inferq.edge.node_users import REVOKED, with_credentials
 from inferq.settings import EtcdSettings, Settings
 from tests.conftest import sample
 from tests.test_edge import v2_input

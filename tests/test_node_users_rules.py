@@ -8,7 +8,7 @@ from inferq.broker.handback import copy_of
 from inferq.broker.identity import PUBLISHER_HEADER, Publisher, ServiceUsers, is_node_user, node_user_name, publisher_of
 from inferq.broker.messages import TENANT_HEADER
 from inferq.errors import ConfigError
-from inferq.node_users import with_credentials
+from inferq.edge.node_users import with_credentials
 from inferq.runtime.jointoken import AgentConfig, AgentRecord
 from inferq.runtime.tenancy import Tenancy
 from inferq.settings import BrokerSettings, Settings, TenancySettings

@@ -29,7 +29,7 @@ from inferq.runtime.coordination import keys, translated
 from inferq.runtime.jointoken import AgentRecord
 from inferq.settings import Settings, mask_url
 
-log = logging.getLogger("inferq.node_users")
+log = logging.getLogger("inferq.edge.node_users")
 
 REVOKED = "inferq agent revoke: this node's credential was taken back"
 
