@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
+from inferq.errors import InferenceError
 from inferq.runtime.repository import load_model
 from inferq.runtime.session import InlineRule, ModelSession, feed_rows
 from inferq.runtime.warmup import warm_up
@@ -88,3 +90,12 @@ async def test_a_model_configured_with_no_inline_threshold_always_takes_the_thre
         for _ in range(5):
             await session.run({"x": np.zeros((1, 256), np.float32)})
     assert session.inline_runs == 0
+
+
+async def test_a_run_in_the_session_thread_past_its_timeout_is_stopped_and_fails(settings: Settings) -> None:
+    session, version = await open_session(settings, "slow")
+    async with session:
+        await warm_up(session, version)
+        with pytest.raises(InferenceError, match="did not finish within 0.01s"):
+            await session.run({"x": np.zeros((256, 256), np.float32)}, None, 0.01)
+        assert not session.wedged and session.inline_runs == 0
