@@ -92,7 +92,7 @@ def feed_rows(feed: dict[str, np.ndarray]) -> int:
 
 
 class ModelSession:
-    """One loaded model version. Build with :meth:`open`; ``run`` never blocks the loop."""
+    """One loaded model version. Build with :meth:`open`; ``run`` blocks the loop only for runs predicted under ``inline_run_ms``."""
 
     def __init__(self, version: ModelVersion, session: Any, executor: ThreadPoolExecutor, inline_s: float = 0.0) -> None:
         self.version = version
