@@ -179,7 +179,8 @@ async def own(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
     """Settings for a namespace and state dir of this test only, scaling only ``mlp``; removed afterwards."""
     mine = replace(
         settings, namespace=f"t{uuid.uuid4().hex[:8]}", state_dir=tmp_path / "state",
-        edge=replace(settings.edge, port=free_port()), autoscaler=replace(settings.autoscaler, models="mlp"),
+        # gRPC off: Triton's 8001, the default, may be held by anything else on a shared machine.
+        edge=replace(settings.edge, port=free_port(), grpc_port=0), autoscaler=replace(settings.autoscaler, models="mlp"),
     )
     yield mine
     await remove_namespace(mine)
