@@ -139,8 +139,12 @@ def descendants(root: int) -> dict[int, str]:
 
 
 def role(procs: dict[int, str], name: str) -> list[int]:
-    """The pids running ``inferq <name>``."""
-    return [pid for pid, cmd in procs.items() if f"inferq.cli {name}" in cmd]
+    """The pids running ``inferq <name>``; of an edge group (``inferq up`` runs one per core), its parent alone.
+
+    The members die with their parent and are not what ``up`` restarts: a member still draining
+    must not pass for the edge that replaced a killed one.
+    """
+    return [pid for pid, cmd in procs.items() if f"inferq.cli {name}" in cmd and " --member " not in cmd]
 
 
 async def all_gone(pids: list[int] | set[int], timeout: float = GRACE_S) -> None:
