@@ -196,12 +196,15 @@ class GrpcEdge:
         self._address = f"{host}:{port}"
         self._max_bytes = max_message_bytes
         self._server: grpc.aio.Server | None = None
+        self._shared = False
         self.port: int | None = None
 
     @classmethod
-    async def open(cls, serving: Serving, auth: Authenticator, host: str, port: int, max_message_bytes: int) -> GrpcEdge:
-        """A listening gRPC endpoint."""
+    async def open(cls, serving: Serving, auth: Authenticator, host: str, port: int, max_message_bytes: int,
+                   shared: bool = False) -> GrpcEdge:
+        """A listening gRPC endpoint; ``shared``: the port is shared with the other members of an edge group."""
         self = cls(serving, auth, host, port, max_message_bytes)
+        self._shared = shared
         await self._bind()
         return self
 
@@ -210,7 +213,8 @@ class GrpcEdge:
         options = [
             ("grpc.max_receive_message_length", self._max_bytes),
             ("grpc.max_send_message_length", self._max_bytes),
-            ("grpc.so_reuseport", 0),  # a port another edge holds must fail here, not be shared silently
+            # A port another edge holds must fail here, not be shared silently; an edge group's members share theirs.
+            ("grpc.so_reuseport", 1 if self._shared else 0),
         ]
         server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from inferq.edge.agent_api import AgentAPI
 from inferq.edge.auth import Authenticator, load_keys_file
 from inferq.edge.control import ModelControl
 from inferq.edge.grpc_server import GrpcEdge
+from inferq.edge.group import PID_HEADER
 from inferq.edge.http import EdgeAPI, webhook_body
 from inferq.edge.idempotency import IdempotencyStore
 from inferq.edge.inventory import Inventory
@@ -50,6 +52,7 @@ from inferq.runtime.tenancy import Tenancy
 from inferq.settings import Settings
 
 log = logging.getLogger("inferq.edge")
+PID = str(os.getpid())
 
 CATCH_UP_TIMEOUT_S = 120.0
 
@@ -57,9 +60,11 @@ CATCH_UP_TIMEOUT_S = 120.0
 class EdgeServer(Actor):
     """Serves HTTP once its projection has caught up with the ledger."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(f"edge:{settings.edge.host}:{settings.edge.port}")
+    def __init__(self, settings: Settings, member: int | None = None) -> None:
+        where = f"{settings.edge.host}:{settings.edge.port}"
+        super().__init__(f"edge:{where}" if member is None else f"edge:{where}#{member}")
         self.settings = settings
+        self.member = member  # one of an edge group (edge/group.py): its ports are shared with SO_REUSEPORT
         self.topology = Topology(settings.namespace, settings.broker.replicas)
         self.stats = InferenceStats()
         self.metrics = EdgeMetrics()  # fed during the ledger replay too: counters cover the retention window
@@ -120,7 +125,8 @@ class EdgeServer(Actor):
         serving = Serving(service, inventory, ModelControl(etcd, s.namespace, s.etcd.timeout_s), self.stats,
                           s.edge.sync_timeout_s, self.is_ready)
         if s.edge.grpc_port:
-            await self.own(GrpcEdge.open(serving, auth, s.edge.host, s.edge.grpc_port, s.edge.max_body_bytes))
+            await self.own(GrpcEdge.open(serving, auth, s.edge.host, s.edge.grpc_port, s.edge.max_body_bytes,
+                                         shared=self.member is not None))
         overview = Overview(directory, inventory, self.projection, s.metrics.refresh_s)
         await overview.refresh()
         self.spawn(overview.refresh_forever(), "overview-refresh")
@@ -133,12 +139,16 @@ class EdgeServer(Actor):
             await send(connection, self.topology.control, worker_key(worker_id), {"command": "drain"})
 
         StatusPage(overview, self.projection, self.is_ready, drain_worker, s.edge.auth).register(app)
+        if self.member is not None:
+            app.on_response_prepare.append(_pid_header)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.edge.host, s.edge.port, reuse_address=True)
+        # A group's members share the port: the kernel hands each new connection to one of them.
+        site = web.TCPSite(self._runner, s.edge.host, s.edge.port, reuse_address=True, reuse_port=self.member is not None)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        log.info("edge listening on http://%s:%s (%d jobs in the projection)", s.edge.host, self.port, len(self.projection))
+        member = "" if self.member is None else f", member {self.member} of an edge group, pid {PID}"
+        log.info("edge listening on http://%s:%s (%d jobs in the projection%s)", s.edge.host, self.port, len(self.projection), member)
 
     async def _open_webhooks(self, connection: BrokerConnection, etcd: object, ledger: LedgerWriter) -> WebhookSender:
         """The trigger (hooked on the projection before its replay) and this edge's webhook sender."""
@@ -184,3 +194,8 @@ class EdgeServer(Actor):
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+async def _pid_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Which member of an edge group answered (a client, a test or a load balancer log can tell them apart)."""
+    response.headers[PID_HEADER] = PID

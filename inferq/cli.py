@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     edge.add_argument("--host")
     edge.add_argument("--port", type=int)
     edge.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default: settings, 8001; 0 = off)")
+    edge.add_argument("--processes", type=_positive, help="edge processes sharing the ports, supervised by this one "
+                                                          "(default: edge.processes, else 1)")
+    edge.add_argument("--member", type=int, help=argparse.SUPPRESS)  # a child of --processes: binds with SO_REUSEPORT
     edge.set_defaults(func=_edge)
 
     autoscaler = sub.add_parser("autoscaler", help="run the autoscaler (one acts; others stand by)")
@@ -182,6 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host")
     up.add_argument("--port", type=int)
     up.add_argument("--min-workers", type=int, default=1, help="workers kept per model (0 = scale to zero when idle)")
+    up.add_argument("--edge-processes", type=_positive, help="edge processes sharing the port "
+                                                             "(default: edge.processes, else one per core, at most 4)")
     up.set_defaults(func=_up)
 
     from inferq.benchmarks.cli import add_parser as add_bench
@@ -289,10 +294,24 @@ def _edge(settings: Settings, args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("grpc_port", args.grpc_port)) if v is not None}
     settings = replace(settings, edge=replace(settings.edge, **overrides))
+    if args.member is not None:  # the group's parent checked the ports; its siblings hold them now
+        return _run_actor(EdgeServer(settings, member=args.member), args)
     for port in (settings.edge.port, settings.edge.grpc_port):
         if port:  # one clear line now, not a traceback after the replay
             ensure_port_free(settings.edge.host, port)
+    processes = args.processes or settings.edge.processes or 1
+    if processes > 1:
+        from inferq.edge.group import run_group
+
+        return _run(run_group(settings, processes))
     return _run_actor(EdgeServer(settings), args)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more")
+    return value
 
 
 def _up(settings: Settings, args: argparse.Namespace) -> int:
@@ -300,6 +319,7 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = replace(settings, edge=replace(settings.edge, **overrides))
+    settings = replace(settings, edge=replace(settings.edge, processes=args.edge_processes or settings.edge.auto_processes()))
     with preflight(settings):
         prepare(settings)
         return _run(up(settings, args.min_workers))

@@ -161,6 +161,9 @@ class JobSettings:
                               "jobs.spool_max_bytes must be >= 0")
 
 
+MAX_AUTO_EDGE_PROCESSES = 4  # past a few, the broker and etcd, not the edge's Python, are what a machine runs out of
+
+
 @dataclass(frozen=True)
 class EdgeSettings:
     """The HTTP edge (and its v2 gRPC endpoint)."""
@@ -183,8 +186,19 @@ class EdgeSettings:
     api_keys_file: str = ""
     rate_per_s: float = 0.0  # submissions per second per tenant (0: unlimited) for keys that set none
     burst: int = 0
+    # Edge processes sharing the port (SO_REUSEPORT), each with its own projection of the same ledger.
+    # 0: one for `inferq edge`, one per core (at most MAX_AUTO_EDGE_PROCESSES) for `inferq up`.
+    processes: int = 0
     events_heartbeat_s: float = 15.0  # the comment line of a job's event stream (GET /v1/jobs/{id}/events)
     agent_wheel: str = ""  # the inferq wheel served at /v1/agent/inferq.whl to installing edge nodes
+
+    def __post_init__(self) -> None:
+        if self.processes < 0:
+            raise ConfigError(f"edge.processes must be 0 (automatic) or more, not {self.processes}")
+
+    def auto_processes(self) -> int:
+        """``processes``, or when 0 one per core, at most :data:`MAX_AUTO_EDGE_PROCESSES` (what ``inferq up`` runs)."""
+        return self.processes or max(1, min(os.cpu_count() or 1, MAX_AUTO_EDGE_PROCESSES))
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ async def up(settings: Settings, min_workers: int) -> int:
 def _children(settings: Settings, min_workers: int, logs: Path) -> list[ChildSpec]:
     """The autoscaler first, so workers warm up while the edge replays the ledger; the edge last."""
     env = replace(settings, autoscaler=replace(settings.autoscaler, min_workers=min_workers)).resolved().to_env()
-    edge_args = ("edge", "--host", settings.edge.host, "--port", str(settings.edge.port))
+    edge_args = ("edge", "--host", settings.edge.host, "--port", str(settings.edge.port),
+                 "--processes", str(settings.edge.auto_processes()))
     return [
         ChildSpec("autoscaler", ("autoscaler", "--launcher", "local"), env, logs / "autoscaler.log"),
         ChildSpec("edge", edge_args, env, logs / "edge.log"),

@@ -74,6 +74,9 @@ class ModelConfig:
     allow_spinning: bool = False
     allow_nan: bool = True
     run_timeout_s: float = 60.0  # one session run; past it ORT is told to stop and the job fails
+    # Runs predicted shorter than this (EWMA per batch row) run on the worker's event loop, not in its
+    # session thread: the hop costs 1-2.6 ms, far more than a tiny model computes. 0: always the thread.
+    inline_run_ms: float = 0.2
     require_providers: tuple[str, ...] = ()
     require: dict[str, str] = field(default_factory=dict)  # a device selector every node running it must match
     variants: dict[str, VariantConfig] = field(default_factory=dict)  # [variants.NAME]: a file per device selector

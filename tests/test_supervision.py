@@ -139,8 +139,12 @@ def descendants(root: int) -> dict[int, str]:
 
 
 def role(procs: dict[int, str], name: str) -> list[int]:
-    """The pids running ``inferq <name>``."""
-    return [pid for pid, cmd in procs.items() if f"inferq.cli {name}" in cmd]
+    """The pids running ``inferq <name>``; of an edge group (``inferq up`` runs one per core), its parent alone.
+
+    The members die with their parent and are not what ``up`` restarts: a member still draining
+    must not pass for the edge that replaced a killed one.
+    """
+    return [pid for pid, cmd in procs.items() if f"inferq.cli {name}" in cmd and " --member " not in cmd]
 
 
 async def all_gone(pids: list[int] | set[int], timeout: float = GRACE_S) -> None:
@@ -179,6 +183,7 @@ async def own(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
     """Settings for a namespace and state dir of this test only, scaling only ``mlp``; removed afterwards."""
     mine = replace(
         settings, namespace=f"t{uuid.uuid4().hex[:8]}", state_dir=tmp_path / "state",
+        # A free gRPC port: Triton's 8001, the default, may be held by anything else on a shared machine.
         edge=replace(settings.edge, port=free_port(), grpc_port=free_port()), autoscaler=replace(settings.autoscaler, models="mlp"),
     )
     yield mine
