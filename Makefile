@@ -12,7 +12,7 @@ IMAGE_ROOTFS ?= /tmp/inferq-bookworm-rootfs
 # Python 3.10 (JetPack 6's): the agent and worker tests in a venv of their own (pyenv's 3.10 by default).
 PYTHON310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python) python3.10)
 
-.PHONY: run test test-py310 test-cluster soak install system-deps services cluster cluster-stop bench clean grpc-stubs image image-base
+.PHONY: run test test-faults test-install test-py310 test-cluster soak install system-deps services cluster cluster-stop bench clean grpc-stubs image image-base
 
 run: services
 	$(BIN)/inferq up
@@ -20,19 +20,25 @@ run: services
 test: services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The fault suite (about 5 minutes): a broker node SIGKILLed under load, memory alarms, drains, crashed and killed
+# processes under `inferq up`, the result spool across a broker cut. CI runs it after `make test`.
+test-faults: services
+	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)
+
 # The edge-node agent and worker tests on Python 3.10, as a Jetson with JetPack 6 runs them (and the webhook
 # sender, the edge part that used 3.11-only asyncio).
 test-py310: services
 	[ -x .venv310/bin/python ] || $(PYTHON310) -m venv .venv310
 	.venv310/bin/pip install -q -e '.[server,test]'
-	.venv310/bin/python -m pytest -q tests/test_agent.py tests/test_shard.py tests/test_supervision.py tests/test_webhooks.py tests/test_spool.py $(PYTEST_ARGS)
+	.venv310/bin/python -m pytest -q -m 'not cluster and not soak and not install' tests/test_agent.py tests/test_shard.py tests/test_supervision.py tests/test_webhooks.py tests/test_spool.py $(PYTEST_ARGS)
 
 # The broker-SIGKILL soak: a RabbitMQ node of the test's own killed 9 times in 180 s under load, 5 runs (~20 min).
 soak: services
 	$(BIN)/python -m pytest -q -s -m soak $(PYTEST_ARGS)
 
 # Installs into fresh venvs (about 2 minutes): the agent through `inferq agent install` and through the edge's
-# `curl | sh` with Python 3.10 (tests/test_agent.py, marked install).
+# `curl | sh` with Python 3.10 (tests/test_agent.py), and a client-only install (tests/test_client_install.py).
+# CI runs it after `make test`.
 test-install: services
 	$(BIN)/python -m pytest -q -m install $(PYTEST_ARGS)
 

@@ -11,6 +11,7 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 
 from inferq.broker.control import send, worker_key
 from inferq.broker.connection import BrokerConnection
@@ -18,6 +19,8 @@ from inferq.broker.topology import Topology
 from tests.conftest import sample
 from tests.support import assert_each_ended_once, ledger_events, live_workers, wait_until
 from tests.test_edge import poll, submit, v2_input
+
+pytestmark = pytest.mark.faults  # the fault suite: make test-faults (CI runs it after make test)
 
 
 async def doc(http, edge, job_id: str) -> dict:

@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import sample
 from tests.support import ROOT
+
+pytestmark = pytest.mark.install  # pip-installs into a fresh venv: make test-install (CI runs it after make test)
 
 SOURCES = ("pyproject.toml", "README.md", "inferq", "actors", "broker", "runtime", "edge", "benchmarks")
 CHECK = """

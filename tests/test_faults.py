@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from inferq.broker.codec import encode_tensor, packb
 from inferq.edge.jobs import idempotent_job_id
@@ -21,6 +22,8 @@ from inferq.runtime.rabbitnode import RabbitNode
 from tests.conftest import sample, set_policy
 from tests.support import assert_each_ended_once, ledger_events, live_workers, wait_until
 from tests.test_edge import poll, submit, v2_input
+
+pytestmark = pytest.mark.faults  # the fault suite: make test-faults (CI runs it after make test)
 
 
 async def statuses(http, edge, job_ids: list[str], wait: float = 0) -> dict[str, str]:

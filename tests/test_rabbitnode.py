@@ -20,6 +20,8 @@ from inferq.runtime.rabbitnode import NodeSpec, RabbitNode
 from inferq.runtime.services import reachable
 from tests.support import ROOT, wait_until
 
+pytestmark = pytest.mark.faults  # the fault suite: make test-faults (CI runs it after make test)
+
 QUEUE = "rabbitnode-test"
 # RabbitMQ 3.10.8: a quorum queue whose node is SIGKILLed within about a second of the queue's
 # declaration comes back without a leader ("leader not known"), and nothing on the node shows when

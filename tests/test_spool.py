@@ -25,6 +25,8 @@ from inferq.settings import Settings
 from tests.conftest import sample
 from tests.support import AmqpClient, final_states, ledger_events, wait_until
 
+pytestmark = pytest.mark.faults  # the fault suite: make test-faults (CI runs it after make test)
+
 SENTINEL = np.full((1, 10), 7.0, np.float32)  # no model computes this: an output equal to it was not recomputed
 
 

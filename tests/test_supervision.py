@@ -37,6 +37,8 @@ from inferq.settings import Settings
 from tests.conftest import free_port, sample
 from tests.support import Process, live_workers, wait_until
 
+pytestmark = pytest.mark.faults  # the fault suite: make test-faults (CI runs it after make test)
+
 GRACE_S = 30.0  # ChildProcess's grace: a child that lost its parent drains within it
 
 
