@@ -215,30 +215,15 @@ async def run_amqp(spec: dict[str, Any], out: dict[str, Any]) -> None:
     _, bodies = _bodies(spec)
     connection = await aio_pika.connect(spec["broker_url"])
     try:
-        publisher = await connection.channel(publisher_confirms=True)
-        exchange = await publisher.get_exchange(f"{spec['namespace']}.requests", ensure=False)
-        replies = await connection.channel()
-        queue = await replies.declare_queue(exclusive=True, auto_delete=True)
-        waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-
-        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            future = waiting.pop(message.correlation_id or "", None)
-            if future is not None and not future.done():
-                future.set_result(msgpack.unpackb(message.body, raw=False))
-
-        await queue.consume(on_reply, no_ack=True)
-        loop = asyncio.get_running_loop()
+        rpc = await _Rpc.open(connection, f"{spec['namespace']}.requests", confirms=True)
 
         async def job(rec: Recorder, i: int, arrival: float) -> None:
             sample = i % len(bodies)
             job_id = uuid.uuid4().hex
-            future = waiting[job_id] = loop.create_future()
-            message = JobRequest(job_id, {}, reply_to=queue.name, correlation_id=job_id).to_message(bodies[sample])
+            message = JobRequest(job_id, {}, reply_to=rpc.reply_to, correlation_id=job_id).to_message(bodies[sample])
             try:
-                await exchange.publish(message, routing_key=spec["model"], mandatory=True)
-                result = await asyncio.wait_for(future, float(spec.get("job_timeout_s", 60)))
+                result = await rpc.call(job_id, message, spec["model"], float(spec.get("job_timeout_s", 60)), mandatory=True)
             except (aio_pika.exceptions.AMQPError, asyncio.TimeoutError, OSError) as exc:
-                waiting.pop(job_id, None)
                 rec.fail(f"{type(exc).__name__}: {exc}")
                 return
             done = time.perf_counter()
@@ -251,6 +236,41 @@ async def run_amqp(spec: dict[str, Any], out: dict[str, Any]) -> None:
         await _phases(spec, out, job)
     finally:
         await connection.close()
+
+
+class _Rpc:
+    """A confirmed publisher and an exclusive reply queue: :meth:`call` publishes and awaits the reply to its key.
+
+    Replies are msgpack, matched by correlation id (inferq's worker replies and Celery's rpc:// backend alike).
+    """
+
+    def __init__(self, exchange: Any, reply_to: str) -> None:
+        self.exchange = exchange
+        self.reply_to = reply_to
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    @classmethod
+    async def open(cls, connection: Any, exchange_name: str, confirms: bool) -> _Rpc:
+        publisher = await connection.channel(publisher_confirms=confirms)
+        exchange = await publisher.get_exchange(exchange_name, ensure=False)
+        queue = await (await connection.channel()).declare_queue(exclusive=True, auto_delete=True)
+        self = cls(exchange, queue.name)
+        await queue.consume(self._on_reply, no_ack=True)
+        return self
+
+    async def _on_reply(self, message: Any) -> None:
+        future = self._waiting.pop(message.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(msgpack.unpackb(message.body, raw=False))
+
+    async def call(self, key: str, message: Any, routing_key: str, timeout: float, mandatory: bool = False) -> dict[str, Any]:
+        """Publish ``message`` and return the reply whose correlation id is ``key`` (TimeoutError after ``timeout``)."""
+        future = self._waiting[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self.exchange.publish(message, routing_key=routing_key, mandatory=mandatory)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiting.pop(key, None)
 
 
 async def _phases(spec: dict[str, Any], out: dict[str, Any], job: Callable[..., Awaitable[None]]) -> None:
@@ -344,36 +364,21 @@ async def run_celery_async(spec: dict[str, Any], out: dict[str, Any]) -> None:
     payloads = [(s[None].tobytes(), [1, *x.shape[1:]]) for s in x]
     connection = await aio_pika.connect(spec["broker_url"])
     try:
-        publisher = await connection.channel(publisher_confirms=bool(spec.get("celery_confirms")))
-        exchange = await publisher.get_exchange(QUEUE, ensure=False)
-        replies = await connection.channel()
-        queue = await replies.declare_queue(exclusive=True, auto_delete=True)
-        waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-
-        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            future = waiting.pop(message.correlation_id or "", None)
-            if future is not None and not future.done():
-                future.set_result(msgpack.unpackb(message.body, raw=False))
-
-        await queue.consume(on_reply, no_ack=True)
-        loop = asyncio.get_running_loop()
+        rpc = await _Rpc.open(connection, QUEUE, confirms=bool(spec.get("celery_confirms")))
 
         async def job(rec: Recorder, i: int, arrival: float) -> None:
             sample = i % len(payloads)
             task_id = str(uuid.uuid4())
-            future = waiting[task_id] = loop.create_future()
             # argsrepr: a short text instead of repr() of 1 KB of bytes, which only feeds Celery's logs
             headers, props, body, _ = app.amqp.as_task_v2(task_id, "bench.infer", args=payloads[sample], kwargs={},
-                                                          reply_to=queue.name, argsrepr="(sample)", kwargsrepr="{}")
+                                                          reply_to=rpc.reply_to, argsrepr="(sample)", kwargsrepr="{}")
             content_type, encoding, data = dumps(body, serializer="msgpack")
             message = aio_pika.Message(data, headers=headers, content_type=content_type, content_encoding=encoding,
                                        correlation_id=props["correlation_id"], reply_to=props["reply_to"],
                                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT, priority=0)
             try:
-                await exchange.publish(message, routing_key=QUEUE)
-                result = await asyncio.wait_for(future, float(spec.get("job_timeout_s", 60)))
+                result = await rpc.call(task_id, message, QUEUE, float(spec.get("job_timeout_s", 60)))
             except (aio_pika.exceptions.AMQPError, asyncio.TimeoutError, OSError) as exc:
-                waiting.pop(task_id, None)
                 rec.fail(f"{type(exc).__name__}: {exc}")
                 return
             done = time.perf_counter()
