@@ -343,7 +343,7 @@ class BatchRun:
         return JobEvent(request.job_id, status, v.model, v.version, tenant=request.tenant,
                         attempt=attempt or request.attempt + self._prior.get(request.job_id, 0), worker=self.ctx.worker_id,
                         run=self.run_id if status in (RUNNING, SUCCEEDED, FAILED) else None, trace=request.traceparent,
-                        webhook=request.webhook, **extra)
+                        webhook=request.webhook, alias=request.alias, **extra)
 
 
 def _expired(delivery: Delivery) -> bool:

@@ -45,6 +45,11 @@ RETRIES_HEADER = "x-inferq-retries"
 SUSPECT_HEADER = "x-inferq-suspect"
 # The sticky key of an unpinned AMQP job: jobs with the same key take the same side of a traffic split.
 ROUTE_KEY_HEADER = "x-inferq-route-key"
+# The alias that routed an unpinned job, set by the edge that routed it. It travels with the
+# job so the worker's events carry it too: an edge that sees the worker's final event before
+# the router's queued event (they are written by different processes) still shows the alias.
+ALIAS_HEADER = "x-inferq-alias"
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 # A job's webhook (see edge/webhooks.py): its URL, and the events it is told of (comma-separated).
 WEBHOOK_HEADER = "x-inferq-webhook"
 WEBHOOK_EVENTS_HEADER = "x-inferq-webhook-events"
@@ -88,6 +93,7 @@ class JobRequest:
     route: PipelineRoute | None = None  # a pipeline job: its stages (see :mod:`inferq.broker.stages`)
     traceparent: str | None = None  # W3C trace context: the submitting edge's span (broker/trace.py)
     webhook: Mapping[str, Any] | None = None  # {"url", "events"}: checked by the edge, travels in headers
+    alias: str | None = None  # the alias whose traffic split routed it (an unpinned job), for its events
 
     def body(self) -> bytes:
         """The msgpack body."""
@@ -130,6 +136,8 @@ class JobRequest:
             headers[ROUTE_HEADER] = self.route.to_json()
         if self.traceparent:
             headers[TRACEPARENT_HEADER] = self.traceparent
+        if self.alias:
+            headers[ALIAS_HEADER] = self.alias
         if self.webhook:
             headers[WEBHOOK_HEADER] = self.webhook["url"]
             headers[WEBHOOK_EVENTS_HEADER] = ",".join(self.webhook["events"])
@@ -160,7 +168,16 @@ class JobRequest:
             route=route,
             traceparent=parse_traceparent(headers.get(TRACEPARENT_HEADER)),
             webhook=webhook_from_headers(headers),
+            alias=alias_from_headers(headers),
         )
+
+
+def alias_from_headers(headers: Mapping[str, Any]) -> str | None:
+    """The routing alias a job carries, or None when absent or not an alias name (headers are client-writable)."""
+    alias = headers.get(ALIAS_HEADER)
+    if isinstance(alias, bytes):
+        alias = alias.decode("utf-8", "replace")
+    return alias if isinstance(alias, str) and ALIAS_RE.match(alias) else None
 
 
 def webhook_from_headers(headers: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -262,7 +279,7 @@ class JobEvent:
     worker: str | None = None
     run: str | None = None  # one start of the job on ``worker``: attempts count distinct (worker, run)
     ttl_s: float | None = None  # on a queued event: the job's TTL, so every edge can tell when it expires
-    alias: str | None = None  # the alias that routed an unpinned job (on its queued event)
+    alias: str | None = None  # the alias that routed an unpinned job (on its queued event and the worker's)
     shadow_of: str | None = None  # a shadow job's primary job id (on its queued event)
     stage: str | None = None  # a pipeline job: the stage (its model) the event comes from
     chunks: int = 0  # on a sharded job's queued event: how many chunk sub-jobs it was split into

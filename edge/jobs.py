@@ -141,7 +141,7 @@ class JobService:
         request = JobRequest(
             job_id, sub.inputs, sub.outputs, sub.parameters or {}, tenant=sub.tenant, ttl_s=self._ttl(sub.ttl_s),
             priority=sub.priority, route=pipeline_route(record, sub.outputs), traceparent=sub.traceparent,
-            webhook=sub.webhook,
+            webhook=sub.webhook, alias=routed.route.alias or None,
         )
         validate(request.inputs, request.outputs, version, self.directory.allow_nan(sub.model))
         # Stamped before the publish: a worker may start the job before the queued event is written.

@@ -7,7 +7,8 @@ version's queue, as before the registry). Every edge consumes the router queues
 
 1. chooses the version with :class:`~inferq.edge.routing.Routing` (route key: header
    ``x-inferq-route-key``, else the job id), the same choice any edge would make;
-2. republishes a copy to that version's queue and waits for the broker's confirm;
+2. republishes a copy to that version's queue, carrying the alias (so the worker's events name it
+   too), and waits for the broker's confirm;
 3. records the ``queued`` event with the alias and the version (confirmed), mirrors
    it to the shadow version if it falls in the shadow's share;
 4. only then acks. A crash before the ack means the job is routed again: the same
@@ -38,7 +39,7 @@ from inferq.broker.connection import BrokerConnection, close_channel, tolerant
 from inferq.broker.handback import republish
 from inferq.broker.ledger import LedgerWriter
 from inferq.broker.messages import (
-    EXPIRED, FAILED, QUEUED, ROUTE_KEY_HEADER, TENANT_HEADER, JobEvent, check_job_id, error_dict,
+    ALIAS_HEADER, EXPIRED, FAILED, QUEUED, ROUTE_KEY_HEADER, TENANT_HEADER, JobEvent, check_job_id, error_dict,
 )
 from inferq.broker.replies import send_reply
 from inferq.broker.stages import ROUTE_HEADER
@@ -150,6 +151,7 @@ class UnpinnedRouter:
                 await self._end(message, JobEvent(job_id, FAILED, model, "", tenant=tenant, error=error))
                 return
             queue, extra = self._target(record, routed.route.version)
+            extra[ALIAS_HEADER] = routed.route.alias  # "" replaces an alias a publisher set
             try:
                 sent = await self._publish(message, queue, job_id, extra)
                 break

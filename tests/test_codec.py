@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from inferq.broker.codec import Limits, decode_tensor, decode_tensor_map, encode_tensor, packb, unpackb
-from inferq.broker.messages import JobEvent, pack_events, unpack_events
+from inferq.broker.messages import ALIAS_HEADER, JobEvent, JobRequest, alias_from_headers, pack_events, unpack_events
 from inferq.errors import CodecError, MessageTooLarge
 
 
@@ -83,3 +83,12 @@ def test_a_malformed_event_spoils_no_other_event_of_its_message() -> None:
     wire = [{"job_id": "x", "status": "exploded", "ts": 1.0}, {"job_id": "y", "status": "queued", "ts": "a"},
             {"job_id": "z", "status": "queued", "ts": 1.0, "model": 7}, dict(good.to_wire(), added_by_a_newer_worker=1)]
     assert unpack_events(packb(wire)) == ([good], 3)
+
+
+def test_a_jobs_routing_alias_travels_in_its_headers_and_a_forged_one_is_dropped() -> None:
+    message = JobRequest("j1", {"x": np.zeros((1, 2), np.float32)}, alias="canary").to_message()
+    assert message.headers[ALIAS_HEADER] == "canary"
+    assert alias_from_headers(message.headers) == "canary"
+    assert ALIAS_HEADER not in JobRequest("j2", {"x": np.zeros((1, 2), np.float32)}).to_message().headers
+    for forged in ("", "Canary", "x" * 40, "a b", 7, None, ["canary"]):
+        assert alias_from_headers({ALIAS_HEADER: forged}) is None, forged

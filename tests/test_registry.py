@@ -33,7 +33,7 @@ from inferq.runtime.demo import write_demo_repository
 from inferq.runtime.routing import bucket
 from tests.conftest import sample, set_policy
 from tests.models import write_mlp
-from tests.support import Process, live_workers, wait_until
+from tests.support import Process, ledger_events, live_workers, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -143,7 +143,7 @@ async def split_stack(synced, spawn_edge, spawn_autoscaler, http, tmp_path):
     return name, edge, other, Reference(files)
 
 
-async def test_a_50_50_split_over_400_jobs_runs_each_on_its_version_in_proportion_for_http_and_amqp(split_stack, http, amqp) -> None:
+async def test_a_50_50_split_over_400_jobs_runs_each_on_its_version_in_proportion_for_http_and_amqp(split_stack, synced, http, amqp) -> None:
     name, edge, _, reference = split_stack
     inputs = [sample("mlp", seed=i) for i in range(400)]
     accepted = await gather_limited([lambda i=i: submit(http, edge.url, name, inputs[i], {"Idempotency-Key": f"k{i}"})
@@ -167,6 +167,13 @@ async def test_a_50_50_split_over_400_jobs_runs_each_on_its_version_in_proportio
     for i, doc in enumerate(amqp_docs):
         assert doc["alias"] == expected_alias(name, ids[i], {"stable": 50, "canary": 50}), "AMQP jobs take the same split"
         np.testing.assert_allclose(amqp.outputs(results[ids[i]])["probs"], reference(doc["version"], inputs[i]), rtol=1e-5, atol=1e-6)
+
+    # The worker's final event names the alias too: an edge that reads it before the router's
+    # (or the submitting edge's) queued event, which another process writes, shows the same document.
+    expected = {a["job_id"]: expected_alias(name, f"k{i}", {"stable": 50, "canary": 50}) for i, a in enumerate(accepted)}
+    expected.update({j: expected_alias(name, j, {"stable": 50, "canary": 50}) for j in ids})
+    finals = {e.job_id: e.alias for e in await ledger_events(synced) if e.job_id in expected and e.status == "succeeded"}
+    assert finals == expected
 
 
 async def test_two_edges_route_the_same_key_to_the_same_version(split_stack, http) -> None:
