@@ -5,11 +5,14 @@ version is left (they were told to drain, and their in-flight and prefetched
 jobs were finished or handed back to the queue). In this order:
 
 1. the retry queue: every job waiting out a backoff is failed, then the queue is
-   deleted (only workers publish to it, and none is left);
-2. the version queue: ``<model>.<version>`` (and ``<model>``) are unbound first, so
-   nothing new is routed to it (a publisher gets "unroutable" instead), then every
-   job in it is failed, then it is deleted;
-3. for a removed model, its router queue the same way.
+   deleted (only workers publish to it, and none is left; one that comes back from
+   its backoff before the unbinding goes to the queues retired next);
+2. the version's priority exchange ``<ns>.route.<model>.<version>`` is unbound from
+   ``<model>.<version>`` (and ``<model>``), so nothing new is routed to the
+   version (a publisher gets "unroutable" instead);
+3. its high-priority queue, then its normal queue: every job in each is failed, then
+   the queue is deleted; then the version's two exchanges are deleted;
+4. for a removed model, its router queue the same way.
 
 Each failure is a ``failed`` event with code ``version_removed``, confirmed in the
 ledger before the job is acked; ``reply_to`` gets the result. RabbitMQ's quorum
@@ -44,13 +47,44 @@ async def retire(connection: BrokerConnection, topology: Topology, ledger: Ledge
     model, version = removal.model, removal.version
     failed = 0
     if version:
-        failed += await _retire_queue(connection, ledger, topology.retry_queue(model, version), removal, [])
-        keys = [topology.routing_key(model, version), model]
-        failed += await _retire_queue(connection, ledger, topology.model_queue(model, version), removal, keys,
-                                      topology.requests)
+        normal, high, retry = topology.queues_of(model, version)
+        failed += await _retire_queue(connection, ledger, retry, removal, [])
+        route = topology.route_exchange(model, version)
+        await _unroute(connection, route, topology.requests, [topology.routing_key(model, version), model])
+        for name in (high, normal):  # high first, the order workers drain them in
+            failed += await _retire_queue(connection, ledger, name, removal, [])
+        await _delete_exchanges(connection, [route, f"{route}.normal"])
     if removal.model_removed:
         failed += await _retire_queue(connection, ledger, topology.router_queue(model), removal, [model], topology.requests)
     return failed
+
+
+async def _unroute(connection: BrokerConnection, route: str, requests: str, keys: list[str]) -> None:
+    """Unbind the version's priority exchange from the requests exchange: nothing new reaches its queues."""
+    channel = await connection.channel()
+    try:
+        try:
+            exchange = await channel.get_exchange(route, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return  # already gone (an earlier round), or a version from before priority lanes
+        for key in keys:
+            await exchange.unbind(requests, routing_key=key)
+    except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
+        raise BrokerUnavailable(f"unrouting {route} failed: {exc!r}") from exc
+    finally:
+        await close_channel(channel, "removal")
+
+
+async def _delete_exchanges(connection: BrokerConnection, names: list[str]) -> None:
+    """Delete a retired version's exchanges (a missing one is fine: deletes are idempotent in RabbitMQ)."""
+    channel = await connection.channel()
+    try:
+        for name in names:
+            await channel.exchange_delete(name)
+    except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
+        raise BrokerUnavailable(f"deleting {names} failed: {exc!r}") from exc
+    finally:
+        await close_channel(channel, "removal")
 
 
 async def _retire_queue(connection: BrokerConnection, ledger: LedgerWriter, name: str, removal: RemovalRecord,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import numpy as np
 import onnxruntime as ort
@@ -465,6 +466,9 @@ async def test_a_removed_version_fails_its_queued_jobs_with_version_removed_and_
         await spawn_autoscaler(name)
         http_jobs = [(await submit(http, edge.url, name, sample("mlp", seed=i), route="versions/2/jobs"))["job_id"] for i in range(4)]
         amqp_jobs = [await amqp.submit(f"{name}.2", {"x": sample("mlp", seed=i)}) for i in range(4)]
+        # High-priority jobs wait in the version's high lane, a queue of its own: none may be stranded there.
+        amqp_jobs += [await amqp.submit(f"{name}.2", {"x": sample("mlp", seed=i)}, priority="high") for i in range(3)]
+        assert (await amqp.queue_counts(amqp.topology.high_queue(name, "2")))[0] == 3
         # One waiting out a retry backoff (two minutes): it must not be stranded in the retry queue either.
         waiting = JobRequest(uuid.uuid4().hex, {"x": sample("mlp")}, reply_to=amqp.reply_queue, correlation_id="c-retry")
         message = waiting.to_message()
@@ -480,8 +484,13 @@ async def test_a_removed_version_fails_its_queued_jobs_with_version_removed_and_
     for job_id in http_jobs + amqp_jobs:
         doc = await poll(http, edge.url, job_id, wait=60)
         assert doc["status"] == "failed" and doc["error"]["code"] == "version_removed" and "bad weights" in doc["error"]["message"]
-    for queue in (amqp.topology.model_queue(name, "2"), amqp.topology.retry_queue(name, "2")):
+    for queue in amqp.topology.queues_of(name, "2"):
         await wait_until(lambda q=queue: _gone(amqp, q), 30, f"{queue} deleted")
+    route = amqp.topology.route_exchange(name, "2")
+    for exchange in (route, f"{route}.normal"):
+        await wait_until(lambda e=exchange: _exchange_gone(amqp, e), 30, f"{exchange} deleted")
+    with pytest.raises(Exception, match="no queue is bound"):
+        await amqp.submit(f"{name}.2", {"x": sample("mlp")}, priority="high")
     doc = await document(http, edge.url, name)
     assert sorted(doc["versions"]) == ["1"] and doc["removed"] == ["2"] and doc["removals"] == []
     assert [h["action"] for h in doc["history"]][-2:] == ["remove", "retired"]
@@ -494,6 +503,18 @@ async def test_a_removed_version_fails_its_queued_jobs_with_version_removed_and_
 
 async def _gone(amqp, queue: str) -> bool:
     return await amqp.queue_counts(queue) is None
+
+
+async def _exchange_gone(amqp, exchange: str) -> bool:
+    channel = await amqp.connection.channel()
+    try:
+        await channel.get_exchange(exchange, ensure=True)
+        return False
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return True
+    finally:
+        if not channel.is_closed:
+            await channel.close()
 
 
 async def test_a_model_without_a_servable_version_is_refused_with_503_and_removing_it_makes_it_unknown(
