@@ -186,7 +186,7 @@ def _version(version: str, facts: VersionFacts, workers: list) -> dict[str, Any]
 
 def _worker(w, now: float) -> dict[str, Any]:
     return {"worker_id": w.worker_id, "model": w.model, "version": w.version, "node": w.node, "state": w.state.value,
-            "providers": list(w.providers), "age_s": round(max(0.0, now - w.started_at), 1) if w.started_at else None,
+            "variant": w.variant, "providers": list(w.providers), "age_s": round(max(0.0, now - w.started_at), 1) if w.started_at else None,
             "jobs": w.stats.jobs, "failed": w.stats.failed, "batches": w.stats.batches, "mean_batch": w.stats.mean_batch,
             "inflight": w.stats.inflight, "warmed": w.warmed, "metrics": w.metrics}
 

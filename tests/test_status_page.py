@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from inferq.client.registry import RegistryClient
 from tests.conftest import sample
+from tests.models import write_mlp
 from tests.test_edge import poll, submit, v2_input
 
 CHROMIUM = "/usr/bin/chromium"
@@ -105,6 +108,21 @@ async def test_the_status_page_shows_models_workers_rising_counts_failures_and_t
     await expect(page.locator("#connection")).to_have_text("live", timeout=WAIT_MS)
     await expect(succeeded).to_have_text(str(before + 3), timeout=WAIT_MS)  # from the replayed ledger
     await expect(page.locator("#jobs tbody tr", has_text=failed)).to_have_count(1, timeout=WAIT_MS)
+
+
+async def test_the_workers_table_says_which_device_variant_each_worker_serves(spawn_worker, spawn_edge, page, tmp_path) -> None:
+    name = f"paged-variant-{uuid.uuid4().hex[:6]}"
+    edge = await spawn_edge(env={"INFERQ_METRICS_REFRESH_S": "0.3"})
+    async with RegistryClient(edge.url) as registry:
+        await registry.push(name, [(write_mlp(tmp_path / "v1", seed=931), "model.onnx"),
+                                   (write_mlp(tmp_path / "int8", seed=932), "model-int8.onnx")],
+                            config='[variants.int8]\nfile = "model-int8.onnx"\nsoc = "tegra234"\n')
+    await spawn_worker(name, "--variant", "int8")
+    await spawn_worker(name)
+    await page.goto(f"{edge.url}/ui")
+    served = page.locator("#workers tbody tr td[data-field=served]", has_text=f"{name}:1")
+    await expect(served).to_have_count(2, timeout=WAIT_MS)
+    assert sorted(await served.all_inner_texts()) == [f"{name}:1", f"{name}:1 · int8"]
 
 
 async def test_the_status_page_fits_a_phone_screen(spawn_edge, browser, tmp_path) -> None:

@@ -93,7 +93,7 @@ function render(state) {
   renderModels(state.models);
   const mayDrain = state.viewer.may_drain;  // admin keys only: the page is read-only otherwise
   renderRows("#workers", state.workers, (w) => [
-    el("td", { title: w.worker_id }, w.worker_id), el("td", {}, `${w.model}:${w.version}`),
+    el("td", { title: w.worker_id }, w.worker_id), el("td", { "data-field": "served" }, `${w.model}:${w.version}` + (w.variant ? ` · ${w.variant}` : "")),
     el("td", { class: `state-${w.state}` }, w.state), el("td", {}, w.node), el("td", {}, w.providers.join(", ")),
     el("td", { class: "num" }, w.jobs), el("td", { class: "num" }, w.failed), el("td", { class: "num" }, w.mean_batch),
     el("td", { class: "num" }, w.inflight), el("td", {}, fmtAge(w.age_s)),
