@@ -145,6 +145,22 @@ class BrokerAdmin:
         """Close one connection, telling the client ``reason``; False if it was gone already."""
         return await self._call("DELETE", f"/connections/{_q(name)}", missing=False, headers={"X-Reason": reason}) is not False
 
+    async def queues(self, prefix: str) -> list[tuple[str, int]]:
+        """``(name, ready messages)`` of this virtual host's durable, non-exclusive queues named ``prefix...``.
+
+        Exclusive queues are left out: the broker deletes them when their owner (a running
+        client's reply queue, a worker's control queue) disconnects.
+        """
+        found = await self._call("GET", f"/queues/{_q(self.vhost)}?columns=name,messages_ready,exclusive,durable")
+        return [(q["name"], int(q.get("messages_ready") or 0)) for q in found
+                if isinstance(q, dict) and str(q.get("name", "")).startswith(prefix) and not q.get("exclusive")
+                and q.get("durable", True)]
+
+    async def exchanges(self, prefix: str) -> list[str]:
+        """The names of this virtual host's exchanges named ``prefix...``."""
+        found = await self._call("GET", f"/exchanges/{_q(self.vhost)}?columns=name")
+        return [e["name"] for e in found if isinstance(e, dict) and str(e.get("name", "")).startswith(prefix)]
+
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None, missing: Any = ...,
                     headers: dict[str, str] | None = None) -> Any:
         url = self._base + path

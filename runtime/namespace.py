@@ -15,13 +15,14 @@ and its priority exchanges ``<ns>.route.<m>.<v>`` and ``.normal`` go, besides th
 shared ``<ns>.dead``, ``<ns>.jobs``, ``<ns>.cancels`` and the webhook queues and the exchanges
 ``<ns>.requests``, ``<ns>.control`` and ``<ns>.dead``.
 
-What it cannot see: the queue of a version that none of those sources names
-any more (say, a version removed from the repository, synced away from the
-model record, with no worker and no decision left); queues someone declared
-by hand under the namespace's prefix; the exclusive reply and control queues
-of running clients and workers (the broker deletes those when their owner
-disconnects). ``rabbitmqctl list_queues name | grep '^<ns>\\.'`` on the broker
-host shows anything left.
+Where RabbitMQ's management API answers (``tenancy.management_url``; ``inferq
+services`` enables the plugin locally), every durable queue and every exchange whose
+name starts with ``<ns>.`` goes too, so a version that none of those sources names any
+more (removed from the repository, synced away from the model record, with no worker
+and no decision left) and queues someone declared by hand under the prefix are found.
+Without it they are left, and so, always, are the exclusive reply and control queues of
+running clients and workers (the broker deletes those when their owner disconnects).
+``rabbitmqctl list_queues name | grep '^<ns>\\.'`` on the broker host shows anything left.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from inferq.broker.admin import BrokerAdmin
 from inferq.broker.connection import BrokerConnection
+from inferq.broker.identity import broker_vhost
 from inferq.broker.topology import WEBHOOK_DELAYS_S, Topology
 from inferq.runtime.coordination import get_json_prefix, keys, open_etcd, translated
-from inferq.errors import ConfigError
+from inferq.errors import BrokerError, ConfigError
 from inferq.settings import Settings
 
 log = logging.getLogger("inferq.namespace")
@@ -130,7 +133,26 @@ async def survey(settings: Settings) -> Footprint:
             counts = await connection.queue_counts(name)
             if counts is not None:
                 queues.append((name, counts[0]))
-    return Footprint(settings.namespace, tuple(queues), tuple(exchange_names(topology, versions)), count)
+    exchanges = exchange_names(topology, versions)
+    listed = await listed_by_the_broker(settings)
+    if listed is not None:  # what nothing names any more: a retired version's leftovers, a queue made by hand
+        named = {name for name, _ in queues}
+        queues += [q for q in listed[0] if q[0] not in named]
+        exchanges += [e for e in listed[1] if e not in exchanges]
+    return Footprint(settings.namespace, tuple(queues), tuple(exchanges), count)
+
+
+async def listed_by_the_broker(settings: Settings) -> tuple[list[tuple[str, int]], list[str]] | None:
+    """The namespace's queues and exchanges as the management API lists them; None where it cannot answer."""
+    prefix = f"{settings.namespace}."
+    try:
+        async with await BrokerAdmin.open(settings.tenancy.management_url, broker_vhost(settings.broker.url),
+                                          settings.etcd.timeout_s) as admin:
+            return await admin.queues(prefix), await admin.exchanges(prefix)
+    except (BrokerError, ConfigError) as exc:
+        log.info("the broker's management API did not list namespace %s (%s): only the queues named "
+                 "by etcd and the repository are removed", settings.namespace, exc)
+        return None
 
 
 async def remove_namespace(settings: Settings, footprint: Footprint | None = None) -> Footprint:

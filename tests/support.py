@@ -197,3 +197,19 @@ def assert_each_ended_once(events: list[JobEvent], job_ids: list[str]) -> dict[s
     conflicting = {j: finals[j] for j in job_ids if len(set(finals[j])) > 1}
     assert not conflicting, f"jobs with conflicting final states: {dict(list(conflicting.items())[:5])}"
     return {j: finals[j][0] for j in job_ids}
+
+
+async def declared(connection: Any, kind: str, name: str) -> bool:
+    """Whether the broker has the queue or exchange ``name`` (``kind``: "queue"/"exchange"); ``connection.channel()`` opens a probe."""
+    probe = await connection.channel()  # a passive declare of something missing closes its channel
+    try:
+        if kind == "queue":
+            await probe.declare_queue(name, passive=True)
+        else:
+            await probe.get_exchange(name, ensure=True)
+        return True
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not probe.is_closed:
+            await probe.close()

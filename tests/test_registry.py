@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import numpy as np
 import onnxruntime as ort
@@ -34,7 +33,7 @@ from inferq.runtime.demo import write_demo_repository
 from inferq.runtime.routing import bucket
 from tests.conftest import sample, set_policy
 from tests.models import write_mlp
-from tests.support import Process, ledger_events, live_workers, wait_until
+from tests.support import Process, declared, ledger_events, live_workers, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -488,7 +487,7 @@ async def test_a_removed_version_fails_its_queued_jobs_with_version_removed_and_
         await wait_until(lambda q=queue: _gone(amqp, q), 30, f"{queue} deleted")
     route = amqp.topology.route_exchange(name, "2")
     for exchange in (route, f"{route}.normal"):
-        await wait_until(lambda e=exchange: _exchange_gone(amqp, e), 30, f"{exchange} deleted")
+        await wait_until(lambda e=exchange: _absent(amqp, e), 30, f"{exchange} deleted")
     with pytest.raises(Exception, match="no queue is bound"):
         await amqp.submit(f"{name}.2", {"x": sample("mlp")}, priority="high")
     doc = await document(http, edge.url, name)
@@ -505,16 +504,8 @@ async def _gone(amqp, queue: str) -> bool:
     return await amqp.queue_counts(queue) is None
 
 
-async def _exchange_gone(amqp, exchange: str) -> bool:
-    channel = await amqp.connection.channel()
-    try:
-        await channel.get_exchange(exchange, ensure=True)
-        return False
-    except aio_pika.exceptions.ChannelNotFoundEntity:
-        return True
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+async def _absent(amqp, exchange: str) -> bool:
+    return not await declared(amqp.connection, "exchange", exchange)
 
 
 async def test_a_model_without_a_servable_version_is_refused_with_503_and_removing_it_makes_it_unknown(
