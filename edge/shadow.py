@@ -27,8 +27,8 @@ from inferq.broker.codec import decode_tensor_map
 from inferq.broker.connection import BrokerConnection
 from inferq.broker.handback import copy_of, remaining_ttl
 from inferq.broker.ledger import LedgerWriter
-from inferq.broker.messages import (FAILED, JOB_ID_RE, QUEUED, SUCCEEDED, TENANT_HEADER, WEBHOOK_EVENTS_HEADER, WEBHOOK_HEADER,
-                                    JobEvent, JobRequest, error_dict)
+from inferq.broker.messages import (ALIAS_HEADER, FAILED, JOB_ID_RE, QUEUED, SUCCEEDED, TENANT_HEADER, WEBHOOK_EVENTS_HEADER,
+                                    WEBHOOK_HEADER, JobEvent, JobRequest, error_dict)
 from inferq.broker.topology import Topology
 from inferq.edge.projection import JobState
 from inferq.errors import CodecError, InferqError
@@ -61,8 +61,8 @@ class ShadowMirror:
 
     async def mirror_request(self, request: JobRequest, model: str, version: str) -> None:
         """Copy an HTTP job to ``version`` as its shadow."""
-        # A shadow answers nobody: no reply, no webhook.
-        copy = replace(request, job_id=shadow_id(request.job_id), reply_to=None, correlation_id=None, webhook=None)
+        # A shadow answers nobody: no reply, no webhook; and no alias routed it.
+        copy = replace(request, job_id=shadow_id(request.job_id), reply_to=None, correlation_id=None, webhook=None, alias=None)
         await self._send(copy.to_message(), copy.job_id, request.job_id, model, version, request.tenant)
 
     async def mirror_delivery(self, delivery: aio_pika.abc.AbstractIncomingMessage, job_id: str, model: str,
@@ -72,7 +72,7 @@ class ShadowMirror:
         if left is not None and left <= 0:
             return
         original = copy_of(delivery, {}, left)
-        headers = {k: v for k, v in (original.headers or {}).items() if k not in (WEBHOOK_HEADER, WEBHOOK_EVENTS_HEADER)}
+        headers = {k: v for k, v in (original.headers or {}).items() if k not in (WEBHOOK_HEADER, WEBHOOK_EVENTS_HEADER, ALIAS_HEADER)}
         message = aio_pika.Message(original.body, headers=headers, content_type=original.content_type,
                                    message_id=shadow_id(job_id), timestamp=original.timestamp,
                                    expiration=original.expiration, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)

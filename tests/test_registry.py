@@ -290,6 +290,7 @@ async def test_shadow_results_stay_in_the_ledger_and_their_agreement_is_reported
             assert doc["status"] == "succeeded" and doc["version"] == "1" and "shadow_of" not in doc
             shadow = await poll(http, edge.url, f"{job_id}.shadow")
             assert shadow["shadow_of"] == job_id and shadow["version"] == "2" and shadow["status"] == "succeeded"
+            assert "alias" not in shadow, "no alias routed a shadow copy"
 
         async def report(pairs: int) -> dict[str, Any] | None:
             async with http.get(f"{edge.url}/v1/models/{name}/shadow") as resp:
