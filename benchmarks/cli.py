@@ -20,6 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     bench.add_argument("--concurrency", type=int, default=64, help="jobs in flight under load, closed loop (default 64)")
     bench.add_argument("--rate", type=float, default=None, help="open loop instead: jobs/s arriving (concurrency caps in-flight jobs)")
     bench.add_argument("--warmup", type=int, default=None, help="warm-up jobs before each loaded phase (default 200; 30 with --quick)")
+    bench.add_argument("--edge-processes", default="1",
+                       help="edge process counts, comma-separated (e.g. 1,2): the first serves every inferq phase, each "
+                            "further count adds an HTTP system of its own with that many edge processes (default 1)")
     bench.add_argument("--paths", default="http,amqp", help="inferq submit paths: http, amqp or both (default); empty skips inferq")
     bench.add_argument("--skip-celery", action="store_true", help="no Celery baselines (default and durable)")
     bench.add_argument("--skip-raw", action="store_true", help="no raw ORT measurement")

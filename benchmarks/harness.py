@@ -77,6 +77,7 @@ class Options:
     rounds: int = 3
     peers: list[str] = field(default_factory=list)
     peer_threads: int = 1
+    edge_processes: list[int] = field(default_factory=lambda: [1])
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -107,11 +108,23 @@ class Options:
             rounds=args.rounds or (1 if quick else 3),
             peers=_peer_list(args.peers),
             peer_threads=args.celery_threads,
+            edge_processes=_counts(getattr(args, "edge_processes", "1")),
         )
 
     def jobs_for(self, model: str, low: bool) -> int:
         n = self.low_jobs if low else self.jobs
         return max(20, int(n * JOB_SCALE[model]))
+
+
+def _counts(text: str) -> list[int]:
+    """``--edge-processes``: distinct whole counts of at least 1, in the order given."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"--edge-processes takes counts like 1,2, not {text!r}") from None
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise SystemExit(f"--edge-processes takes distinct counts of at least 1, like 1,2, not {text!r}")
+    return counts
 
 
 PEER_KINDS = ("bentoml", "bentoml_task", "ray")
@@ -186,7 +199,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         stack = Stack.create(settings, namespace, workdir, opts.models, children, opts.intra_op_threads)
         say("  syncing the model repository and starting the edge ...")
         stack.sync()
-        stack.start_edge()
+        stack.start_edge(opts.edge_processes[0])
         beam = broker_pid()
         if beam is None:
             say("  (no beam.smp process found: broker CPU is not reported)")
@@ -290,16 +303,7 @@ def _systems(model: str, opts: Options, stack: Stack, peers: Peers, path: Path, 
     broker = {"broker": beam} if beam else {}
     systems = []
     if opts.paths:
-        def recover() -> None:  # a fresh edge and worker: nothing carried over from a disturbed attempt
-            say(f"  restarting the edge and the {model} worker")
-            stack.stop()
-            stack.start_edge()
-            stack.start_worker(model)
-
-        systems.append(System(
-            "inferq", lambda: stack.start_worker(model), lambda: stack.stop_worker(model),
-            lambda: {"edge": stack.edge.pid, "worker": stack.workers[model].pid, **broker},
-            [(f"inferq_{p}", {"mode": p}) for p in opts.paths], recover=recover, inferq=True))
+        systems += _inferq_systems(model, opts, stack, broker)
     for prefix, peer in (("celery", peers.celery), ("celery_durable", peers.celery_durable)):
         if peer is None:
             continue
@@ -313,6 +317,38 @@ def _systems(model: str, opts: Options, stack: Stack, peers: Peers, path: Path, 
         systems.append(System(
             kind, lambda peer=peer: peer.start(path, opts.peer_threads), peer.stop, peer.pids,
             [(kind, {"mode": kind})], url=lambda peer=peer: peer.url))
+    return systems
+
+
+def _inferq_systems(model: str, opts: Options, stack: Stack, broker: dict[str, int]) -> list[System]:
+    """inferq with the first edge count on every path, then an HTTP-only system per further count.
+
+    The edge of a further count is started for its turn and the first count's edge is
+    back afterwards; CPU is counted over the edge and all its processes.
+    """
+    first = opts.edge_processes[0]
+
+    def recover(processes: int) -> None:  # a fresh edge and worker: nothing carried over from a disturbed attempt
+        say(f"  restarting the edge ({processes} processes) and the {model} worker")
+        stack.stop()
+        stack.start_edge(processes)
+        stack.start_worker(model)
+
+    def turn(processes: int) -> None:
+        stack.restart_edge(processes)
+        stack.start_worker(model)
+
+    def pids() -> dict[str, int]:
+        return {"edge": stack.edge.pid, "worker": stack.workers[model].pid, **broker}
+
+    systems = [System("inferq", lambda: stack.start_worker(model), lambda: stack.stop_worker(model), pids,
+                      [(f"inferq_{p}", {"mode": p}) for p in opts.paths], recover=lambda: recover(first), inferq=True)]
+    if "http" in opts.paths:
+        for n in opts.edge_processes[1:]:
+            systems.append(System(
+                f"inferq, {n} edge processes", lambda n=n: turn(n),
+                lambda: (stack.stop_worker(model), stack.restart_edge(first)), pids,
+                [(f"inferq_http_e{n}", {"mode": "http"})], recover=lambda n=n: recover(n), inferq=True))
     return systems
 
 

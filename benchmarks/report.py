@@ -32,6 +32,14 @@ SYSTEMS = (("inferq_http", "inferq HTTP, POST ?wait="), ("inferq_amqp", "inferq 
            ("ray", "Ray Serve, @serve.batch, 1 replica"))
 
 
+def systems_of(phases: dict[str, Any]) -> list[tuple[str, str]]:
+    """SYSTEMS, with a row after inferq HTTP for each further edge process count the run measured (``inferq_http_e<n>``)."""
+    counts = sorted({int(name[len("inferq_http_e"):].split("_")[0]) for name in phases
+                     if name.startswith("inferq_http_e") and name[len("inferq_http_e"):].split("_")[0].isdigit()})
+    extra = [(f"inferq_http_e{n}", f"inferq HTTP, POST ?wait=, {n} edge processes") for n in counts]
+    return [SYSTEMS[0], *extra, *SYSTEMS[1:]]
+
+
 def spread(values: list[float]) -> dict[str, float] | None:
     """Median (the lower middle one for an even count, so it is a value that was measured), min and max."""
     vals = sorted(v for v in values if v is not None)
@@ -104,7 +112,7 @@ def summarize(model: dict[str, Any]) -> dict[str, Any]:
         out[f"{name}_mean_batch_per_batch"] = _get(phases, name, "worker_stats", "mean_batch_per_batch")
     for name in ("inferq_http_load", "inferq_amqp_load", "celery_load"):
         out[f"{name}_cpu_ms_per_job"] = _get(phases, name, "cpu_ms_per_job")
-    for prefix, _ in SYSTEMS:
+    for prefix, _ in systems_of(phases):
         load = _get(phases, f"{prefix}_load", "spread", "jobs_per_s")
         low = _get(phases, f"{prefix}_low", "spread", "p50_ms")
         if load:
@@ -181,7 +189,7 @@ def table(result: dict[str, Any]) -> str:
             continue
         lines += ["", f"{model}: median of {result['meta'].get('options', {}).get('rounds', '?')} interleaved rounds (min-max)",
                   f"  {'system':<50}{'jobs/s':>22}{'low-load p50 ms':>24}{'inferq HTTP / it':>18}{'CPU ms/job':>12}"]
-        for prefix, label in SYSTEMS:
+        for prefix, label in systems_of(result.get("models", {}).get(model, {}).get("phases", {})):
             row = s["systems"].get(prefix)
             if row:
                 lines.append(f"  {label:<50}{range_text(row['jobs_per_s']):>22}{range_text(row['low_load_p50_ms'], '{:.2f}'):>24}"

@@ -86,8 +86,10 @@ class Stack:
         self._synced = True
         return run_async(sync_repository(self.settings))
 
-    def start_edge(self, timeout: float = 60.0) -> None:
-        args = python_argv("-m", "inferq.cli", "--log-level", "warning", "edge", "--host", "127.0.0.1", "--port", str(self.port))
+    def start_edge(self, processes: int = 1, timeout: float = 60.0) -> None:
+        """``inferq edge --processes N`` on the stack's port; returns once it answers ready."""
+        args = python_argv("-m", "inferq.cli", "--log-level", "warning", "edge", "--host", "127.0.0.1", "--port", str(self.port),
+                           "--processes", str(processes))
         self.edge = self.children.start("edge", args, self.env(), self.logs / "edge.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -100,6 +102,13 @@ class Stack:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"the edge was not ready in {timeout}s; see {self.logs / 'edge.log'}")
+
+    def restart_edge(self, processes: int) -> None:
+        """Stop the edge (every process of it) and start it again with ``processes`` processes."""
+        if self.edge is not None:
+            self.children.stop(self.edge, grace_s=10)
+            self.edge = None
+        self.start_edge(processes)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Until the edge answers ready again (after a broker restart, say), then a little settling."""
