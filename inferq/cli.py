@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int)
     up.add_argument("--min-workers", type=int, default=1, help="workers kept per model (0 = scale to zero when idle)")
     up.add_argument("--edge-processes", type=_positive, help="edge processes sharing the port "
-                                                             "(default: edge.processes, else one per core, at most 4)")
+                                                             "(default: edge.processes, else one per two cores, 1 to 4)")
     up.set_defaults(func=_up)
 
     from inferq.benchmarks.cli import add_parser as add_bench

@@ -187,7 +187,7 @@ class EdgeSettings:
     rate_per_s: float = 0.0  # submissions per second per tenant (0: unlimited) for keys that set none
     burst: int = 0
     # Edge processes sharing the port (SO_REUSEPORT), each with its own projection of the same ledger.
-    # 0: one for `inferq edge`, one per core (at most MAX_AUTO_EDGE_PROCESSES) for `inferq up`.
+    # 0: one for `inferq edge`, one per two cores (at most MAX_AUTO_EDGE_PROCESSES) for `inferq up`.
     processes: int = 0
     events_heartbeat_s: float = 15.0  # the comment line of a job's event stream (GET /v1/jobs/{id}/events)
     agent_wheel: str = ""  # the inferq wheel served at /v1/agent/inferq.whl to installing edge nodes
@@ -197,8 +197,15 @@ class EdgeSettings:
             raise ConfigError(f"edge.processes must be 0 (automatic) or more, not {self.processes}")
 
     def auto_processes(self) -> int:
-        """``processes``, or when 0 one per core, at most :data:`MAX_AUTO_EDGE_PROCESSES` (what ``inferq up`` runs)."""
-        return self.processes or max(1, min(os.cpu_count() or 1, MAX_AUTO_EDGE_PROCESSES))
+        """``processes``, or when 0 one per two cores, at least 1 and at most :data:`MAX_AUTO_EDGE_PROCESSES`
+        (what ``inferq up`` runs).
+
+        Not one per core: each edge process reads the whole ledger for its own projection,
+        and ``inferq up`` puts the workers and the broker on the same cores. On 2 cores a
+        second edge process halved mlp's jobs/s and doubled the CPU per job
+        (benchmarks/results/edge-processes-run.json).
+        """
+        return self.processes or max(1, min((os.cpu_count() or 1) // 2, MAX_AUTO_EDGE_PROCESSES))
 
 
 @dataclass(frozen=True)

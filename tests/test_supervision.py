@@ -141,7 +141,7 @@ def descendants(root: int) -> dict[int, str]:
 
 
 def role(procs: dict[int, str], name: str) -> list[int]:
-    """The pids running ``inferq <name>``; of an edge group (``inferq up`` runs one per core), its parent alone.
+    """The pids running ``inferq <name>``; of an edge group (``inferq up`` runs one per two cores), its parent alone.
 
     The members die with their parent and are not what ``up`` restarts: a member still draining
     must not pass for the edge that replaced a killed one.
