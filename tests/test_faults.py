@@ -35,8 +35,10 @@ async def statuses(http, edge, job_ids: list[str], wait: float = 0) -> dict[str,
 
 async def test_worker_killed_mid_batch_loses_nothing_and_no_job_ends_twice(spawn_worker, spawn_edge, http, synced) -> None:
     edge = await spawn_edge()
+    # Queued before the worker starts: a worker already consuming can finish all of them while they are
+    # still being submitted one by one, and then no job is ever seen running.
+    jobs = [(await submit(http, edge, "slow", sample("mlp", seed=i)))["job_id"] for i in range(120)]
     first = await spawn_worker("slow")
-    jobs = [(await submit(http, edge, "slow", sample("mlp", seed=i)))["job_id"] for i in range(60)]
 
     async def some_running() -> bool:
         return "running" in (await statuses(http, edge, jobs)).values()
