@@ -12,13 +12,19 @@ IMAGE_ROOTFS ?= /tmp/inferq-bookworm-rootfs
 # Python 3.10 (JetPack 6's): the agent and worker tests in a venv of their own (pyenv's 3.10 by default).
 PYTHON310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python) python3.10)
 
-.PHONY: run test test-faults test-install test-py310 test-cluster soak install system-deps services cluster cluster-stop bench clean grpc-stubs image image-base
+.PHONY: run test test-features test-faults test-install test-py310 test-cluster soak install system-deps services cluster cluster-stop bench clean grpc-stubs image image-base
 
 run: services
 	$(BIN)/inferq up
 
 test: services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The feature suites that each start many processes (about 8 minutes): the registry and canaries, the edge-node
+# agent, pipelines and data sharding, webhooks, the status page in Chromium, large results. CI runs it after
+# `make test`; the agent's installs stay in test-install.
+test-features: services
+	$(BIN)/python -m pytest -q -m 'features and not install' $(PYTEST_ARGS)
 
 # The fault suite (about 5 minutes): a broker node SIGKILLed under load, memory alarms, drains, crashed and killed
 # processes under `inferq up`, the result spool across a broker cut. CI runs it after `make test`.

@@ -56,6 +56,8 @@ from tests.models import write_mlp
 from tests.test_tls import certificates  # noqa: F401 (fixture)
 from tests.support import ROOT, AmqpClient, Process, live_workers, wait_until
 
+pytestmark = pytest.mark.features  # a feature suite that starts many processes: make test-features (CI runs it after make test)
+
 PYTHON310 = sorted(Path.home().glob(".pyenv/versions/3.10*/bin/python"))
 
 

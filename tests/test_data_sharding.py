@@ -20,7 +20,7 @@ from inferq.runtime.loader import sync_repository
 from tests.models import write_mlp
 from tests.support import ROOT, live_workers, wait_until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.features, pytest.mark.timeout(180)]  # a feature suite that starts many processes: make test-features (CI runs it after make test)
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 

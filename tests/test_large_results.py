@@ -32,6 +32,8 @@ from inferq.settings import BrokerSettings, EdgeSettings, JobSettings, Settings
 from tests.models import write_wide_model
 from tests.support import wait_until
 
+pytestmark = pytest.mark.features  # a feature suite that starts many processes: make test-features (CI runs it after make test)
+
 WIDE, WIDER = 16_384, 262_144  # floats a row: 64 KiB and 1 MiB
 INLINE = 16 * 1024
 PROJECTION_BYTES = 1024 * 1024

@@ -24,7 +24,7 @@ from tests.conftest import sample, set_policy
 from tests.models import write_mlp, write_slow_model
 from tests.support import ROOT, assert_each_ended_once, ledger_events, live_workers, settings_env, wait_until
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.features, pytest.mark.timeout(240)]  # a feature suite that starts many processes: make test-features (CI runs it after make test)
 
 
 def split(settings: Settings, target: str, *how: str) -> str:

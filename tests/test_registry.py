@@ -35,7 +35,7 @@ from tests.conftest import sample, set_policy
 from tests.models import write_mlp
 from tests.support import Process, declared, ledger_events, live_workers, wait_until
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.features, pytest.mark.timeout(300)]  # a feature suite that starts many processes: make test-features (CI runs it after make test)
 
 
 def unique(prefix: str) -> str:

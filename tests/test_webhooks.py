@@ -21,6 +21,8 @@ from tests.conftest import free_port, sample
 from tests.support import wait_until
 from tests.test_edge import poll, v2_input
 
+pytestmark = pytest.mark.features  # a feature suite that starts many processes: make test-features (CI runs it after make test)
+
 SECRET = "whsec_" + base64.b64encode(b"inferq-test-webhook-secret-32by!").decode()
 ALLOWED = {"INFERQ_WEBHOOKS_SECRET": SECRET, "INFERQ_WEBHOOKS_ALLOW_HOSTS": "127.0.0.1"}
 
