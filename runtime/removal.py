@@ -24,7 +24,9 @@ narrow window that only a stale edge could hit).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import aio_pika
 import aiormq
@@ -59,38 +61,39 @@ async def retire(connection: BrokerConnection, topology: Topology, ledger: Ledge
     return failed
 
 
-async def _unroute(connection: BrokerConnection, route: str, requests: str, keys: list[str]) -> None:
-    """Unbind the version's priority exchange from the requests exchange: nothing new reaches its queues."""
+@contextlib.asynccontextmanager
+async def _channel(connection: BrokerConnection, what: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A channel for one step of a removal; AMQP errors become :class:`BrokerUnavailable` (the round is retried)."""
     channel = await connection.channel()
     try:
+        yield channel
+    except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
+        raise BrokerUnavailable(f"{what} failed: {exc!r}") from exc
+    finally:
+        await close_channel(channel, "removal")
+
+
+async def _unroute(connection: BrokerConnection, route: str, requests: str, keys: list[str]) -> None:
+    """Unbind the version's priority exchange from the requests exchange: nothing new reaches its queues."""
+    async with _channel(connection, f"unrouting {route}") as channel:
         try:
             exchange = await channel.get_exchange(route, ensure=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return  # already gone (an earlier round), or a version from before priority lanes
         for key in keys:
             await exchange.unbind(requests, routing_key=key)
-    except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
-        raise BrokerUnavailable(f"unrouting {route} failed: {exc!r}") from exc
-    finally:
-        await close_channel(channel, "removal")
 
 
 async def _delete_exchanges(connection: BrokerConnection, names: list[str]) -> None:
     """Delete a retired version's exchanges (a missing one is fine: deletes are idempotent in RabbitMQ)."""
-    channel = await connection.channel()
-    try:
+    async with _channel(connection, f"deleting {names}") as channel:
         for name in names:
             await channel.exchange_delete(name)
-    except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
-        raise BrokerUnavailable(f"deleting {names} failed: {exc!r}") from exc
-    finally:
-        await close_channel(channel, "removal")
 
 
 async def _retire_queue(connection: BrokerConnection, ledger: LedgerWriter, name: str, removal: RemovalRecord,
                         unbind: list[str], exchange: str = "") -> int:
-    channel = await connection.channel()
-    try:
+    async with _channel(connection, f"retiring {name}") as channel:
         try:
             queue = await channel.declare_queue(name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
@@ -104,10 +107,6 @@ async def _retire_queue(connection: BrokerConnection, ledger: LedgerWriter, name
             log.error("%d job(s) reached %s after it was emptied and went with it", lost, name)
         log.info("retired %s: %d queued job(s) failed with version_removed", name, failed)
         return failed
-    except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
-        raise BrokerUnavailable(f"retiring {name} failed: {exc!r}") from exc
-    finally:
-        await close_channel(channel, "removal")
 
 
 async def _fail_all(connection: BrokerConnection, ledger: LedgerWriter, queue: aio_pika.abc.AbstractQueue,
