@@ -35,7 +35,7 @@ from inferq.broker.messages import (
     CANCELLED, EXPIRED, FAILED, RUNNING, SUCCEEDED, JobEvent, JobRequest, JobStatus, check_job_id, delivery_count, error_dict,
     submitted_at,
 )
-from inferq.errors import CodecError, CoordinationError, InferenceError
+from inferq.errors import BrokerError, CodecError, CoordinationError, InferenceError
 from inferq.runtime.repository import ModelEntry, ModelVersion
 from inferq.runtime.session import ModelSession
 from inferq.runtime.tenancy import Tenancy
@@ -148,8 +148,13 @@ class BatchRun:
         return self.out
 
     def _mark_running(self, requests: list[JobRequest]) -> None:
+        # Queued in the writer now, so the stream has them before the batch's final events, which
+        # then need not wait for their confirm (a round trip that a sub-millisecond run would pay).
         if requests:
-            self.out.running.append(asyncio.ensure_future(self.ctx.ledger.write([self._event(r, RUNNING) for r in requests])))
+            try:
+                self.out.running.append(self.ctx.ledger.enqueue([self._event(r, RUNNING) for r in requests]))
+            except BrokerError as exc:  # "running" is informational: the final events matter
+                log.info("running events not recorded: %s", exc)
 
     async def _recall(self) -> dict[str, JobEvent]:
         spool = self.ctx.spool

@@ -288,11 +288,19 @@ class ShardWorker(Actor):
         full or the worker stopping, nowhere (None: the jobs are handed back).
         Jobs recalled from the spool are made durable first.
         """
-        for error in await asyncio.gather(*outcome.running, return_exceptions=True):
+        try:
+            recorded = await self._write_final(deliveries, outcome)
+        finally:
+            # Queued before the final events (the writer keeps their order), so awaited only after them.
+            errors = await asyncio.gather(*outcome.running, return_exceptions=True)
+        for error in errors:
             if isinstance(error, BrokerError):  # "running" is informational: the final events matter
                 log.info("running events not recorded: %s", error)
             elif isinstance(error, BaseException):
                 raise error
+        return recorded
+
+    async def _write_final(self, deliveries: list[Delivery], outcome: Outcome) -> Recorded | None:
         delay, deadline = 0.5, time.monotonic() + LEDGER_HOLD_S
         while True:
             try:

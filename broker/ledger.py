@@ -59,8 +59,21 @@ class LedgerWriter:
         Raises EventTooLarge, and writes none of ``events``, if any one of them
         is over the broker's message limit; its ``job_ids`` names those jobs.
         """
+        await self.enqueue(events)
+
+    def enqueue(self, events: list[JobEvent]) -> asyncio.Future[None]:
+        """Queue ``events`` now and return the future of their confirm (what :meth:`write` awaits).
+
+        The queue is this writer's order in the stream: events queued by one
+        call go before those of any later call, confirmed or not. So a caller
+        need not wait for one write's confirm to keep a later write behind it.
+        Raises EventTooLarge (queuing nothing) and BrokerUnavailable at once.
+        """
+        loop = asyncio.get_running_loop()
         if not events:
-            return
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
         if self._task is None or self._task.done():
             raise BrokerUnavailable("ledger writer is closed")
         packed = [pack_event(e) for e in events]
@@ -69,17 +82,13 @@ class LedgerWriter:
             raise EventTooLarge(
                 f"{len(too_big)} job event(s) over the broker's {self.max_bytes} byte message limit "
                 f"(broker.max_message_bytes), e.g. job {too_big[0]}", too_big)
-        loop = asyncio.get_running_loop()
         futures = []
         for chunk in self._chunks(packed):
             future: asyncio.Future[None] = loop.create_future()
             self._pending.append(_Chunk(chunk, sum(map(len, chunk)), future))
             futures.append(future)
         self._wake.set()
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        return futures[0] if len(futures) == 1 else asyncio.ensure_future(_all_confirmed(futures))
 
     def _chunks(self, packed: list[bytes]) -> list[list[bytes]]:
         # One caller's events split into pieces that each fit a message (an event over
@@ -159,6 +168,14 @@ class _Chunk:
     packed: list[bytes]
     size: int
     future: asyncio.Future[None]
+
+
+async def _all_confirmed(futures: list[asyncio.Future[None]]) -> None:
+    # Every chunk settles (confirmed, refused, or failed on close), so this always ends; the first error wins.
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _settle(batch: list[_Chunk], error: BaseException | None) -> None:

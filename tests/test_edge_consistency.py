@@ -321,6 +321,29 @@ async def test_ledger_messages_stay_within_the_byte_budget_and_an_event_too_larg
     assert len(bodies) >= 4
 
 
+async def test_writes_queued_without_awaiting_their_confirms_reach_the_stream_in_the_order_they_were_queued(broker, lagging) -> None:
+    # A worker queues a batch's running events and, without waiting for their confirm, its final events:
+    # the stream must still hold every job's running event before its final one.
+    stream = await scratch_stream(broker, lagging)
+    writer = await LedgerWriter.open(broker, stream)
+    order = []
+    try:
+        pending = []
+        for i in range(150):
+            for status in (RUNNING, SUCCEEDED):
+                pending.append(writer.enqueue([JobEvent(f"j{i}", status, MODEL, "1")]))
+                order.append((f"j{i}", status))
+            if i % 10 == 0:
+                await asyncio.sleep(0)  # let the flusher send some while more are queued
+        await asyncio.gather(*pending)
+        bodies = await stream_bodies(broker, stream)
+    finally:
+        await writer.aclose()
+        await delete_queue(broker, stream)
+    assert [(e.job_id, e.status) for body in bodies for e in unpack_events(body)[0]] == order
+    assert 1 < len(bodies) < len(order), "some writes went out alone, some were coalesced"
+
+
 async def test_a_tail_resumes_after_its_last_offset_when_its_connection_is_cut(synced, broker, lagging) -> None:
     stream = await scratch_stream(broker, lagging)
     writer = await LedgerWriter.open(broker, stream)

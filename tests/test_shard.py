@@ -9,9 +9,9 @@ import aio_pika
 import numpy as np
 
 from inferq.broker.codec import packb
-from inferq.broker.messages import CONTENT_TYPE
+from inferq.broker.messages import CONTENT_TYPE, RUNNING, SUCCEEDED
 from tests.conftest import sample
-from tests.support import live_workers, wait_until
+from tests.support import ledger_events, live_workers, wait_until
 
 
 async def test_worker_serves_amqp_jobs_with_outputs_equal_to_onnxruntime(spawn_worker, amqp, reference) -> None:
@@ -49,6 +49,20 @@ async def test_concurrent_jobs_are_batched(spawn_worker, amqp, synced) -> None:
 
     stats = await wait_until(stats_show_batches, 10, "the worker to report its counters")
     assert stats["max_batch"] > 1 and stats["batches"] < 200
+
+
+async def test_every_jobs_running_event_is_in_the_ledger_once_and_before_its_final_one(spawn_worker, amqp, synced) -> None:
+    # The worker queues a batch's final events without waiting for its running events' confirm: the
+    # ledger's order must still say running, then succeeded, for every job of a sub-millisecond model.
+    await spawn_worker("mlp")
+    jobs = await asyncio.gather(*(amqp.submit("mlp", {"x": sample("mlp", seed=i)}) for i in range(300)))
+    results = await amqp.wait_results(jobs, timeout=60)
+    assert {r["status"] for r in results.values()} == {"succeeded"}
+    seen: dict[str, list[str]] = {j: [] for j in jobs}
+    for event in await ledger_events(synced):
+        if event.job_id in seen:
+            seen[event.job_id].append(event.status)
+    assert {j: s for j, s in seen.items() if s != [RUNNING, SUCCEEDED]} == {}
 
 
 async def test_a_job_with_a_bad_shape_fails_alone(spawn_worker, amqp) -> None:
