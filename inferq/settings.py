@@ -202,7 +202,7 @@ class EdgeSettings:
 
         Not one per core: each edge process reads the whole ledger for its own projection,
         and ``inferq up`` puts the workers and the broker on the same cores. On 2 cores a
-        second edge process halved mlp's jobs/s and doubled the CPU per job
+        second edge process cut mlp's jobs/s from 919 to 551 and doubled the CPU per job
         (benchmarks/results/edge-processes-run.json).
         """
         return self.processes or max(1, min((os.cpu_count() or 1) // 2, MAX_AUTO_EDGE_PROCESSES))
