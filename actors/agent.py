@@ -41,7 +41,7 @@ from inferq.errors import BrokerError, CodecError, CoordinationError, InferqErro
 from inferq.runtime.actor import Actor
 from inferq.runtime.catalog import read_model
 from inferq.runtime.coordination import keys, open_etcd
-from inferq.runtime.device import read_facts
+from inferq.runtime.device import DeviceFacts, read_facts
 from inferq.runtime.membership import MembershipLease
 from inferq.runtime.metrics import advertised, gauge, open_endpoint
 from inferq.runtime.modelcache import ModelCache
@@ -296,8 +296,10 @@ def _write_atomically(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.new")
     temp.write_text(text)
     os.replace(temp, path)
+
+
 class NodeCollector:
-    """The node's gauges, from the record the agent keeps: capacity, workers, restarts, providers."""
+    """The node's gauges, from the record the agent keeps: capacity, workers, restarts, providers, device facts."""
 
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
@@ -312,3 +314,15 @@ class NodeCollector:
         yield gauge("inferq_node_worker_restarts", "worker restarts after a crash", [(node, a.workers.restarts)], "counter")
         yield gauge("inferq_node_provider", "onnxruntime execution providers this node offers (value 1)",
                     [({**node, "provider": p}, 1) for p in providers])
+        yield from _fact_gauges(node, record.facts if record is not None else None)
+
+
+def _fact_gauges(node: dict[str, str], facts: DeviceFacts | None) -> Any:
+    # Absent rather than 0 when a fact is unknown: a 0 would read as a node with no memory.
+    yield gauge("inferq_node_device", "what the node is (value 1): kind, model, SoC, CUDA arch and L4T release",
+                [({**node, "kind": facts.kind, "model": facts.model, "soc": facts.soc, "cuda_arch": facts.cuda_arch,
+                   "l4t": facts.l4t}, 1)] if facts is not None else [], "info")
+    yield gauge("inferq_node_memory_bytes", "the node's memory, shared with the GPU on a Jetson",
+                [(node, facts.memory_bytes)] if facts is not None and facts.memory_bytes else [])
+    yield gauge("inferq_node_power_mode", "the Jetson power mode nvpmodel reports (value 1)",
+                [({**node, "mode": facts.power_mode}, 1)] if facts is not None and facts.power_mode else [])

@@ -138,7 +138,7 @@ class EdgeServer(Actor):
         async def drain_worker(worker_id: str) -> None:
             await send(connection, self.topology.control, worker_key(worker_id), {"command": "drain"})
 
-        StatusPage(overview, self.projection, self.is_ready, drain_worker, s.edge.auth).register(app)
+        StatusPage(overview, self.projection, self.is_ready, drain_worker, s.edge.auth, service.cancel).register(app)
         if self.member is not None:
             app.on_response_prepare.append(_pid_header)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)

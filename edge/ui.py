@@ -47,12 +47,15 @@ class StatusPage:
     """The ``/ui`` routes."""
 
     def __init__(self, overview: Overview, projection: JobProjection, ready: Callable[[], bool],
-                 drain: Callable[[str], Awaitable[None]] | None = None, auth_enabled: bool = False) -> None:
-        """``drain`` asks a worker to drain (over the control exchange); offered to admin keys only, with auth on."""
+                 drain: Callable[[str], Awaitable[None]] | None = None, auth_enabled: bool = False,
+                 cancel: Callable[[str, str | None], Awaitable[JobState]] | None = None) -> None:
+        """``drain`` asks a worker to drain (over the control exchange); ``cancel(job_id, tenant)`` cancels a
+        queued job as the job service does for its tenant. Both are offered to admin keys only, with auth on."""
         self.overview = overview
         self.projection = projection
         self.ready = ready
         self._drain = drain
+        self._cancel = cancel
         self.auth_enabled = auth_enabled
         self._closing = asyncio.Event()
 
@@ -64,6 +67,7 @@ class StatusPage:
         app.router.add_get("/ui/api/events", self.events)
         app.router.add_get("/ui/api/jobs/{job_id}", self.job)
         app.router.add_post("/ui/api/workers/{worker_id}/drain", self.drain)
+        app.router.add_post("/ui/api/jobs/{job_id}/cancel", self.cancel)
         app.on_shutdown.append(self._shutdown)
 
     async def _shutdown(self, app: web.Application) -> None:
@@ -119,6 +123,19 @@ class StatusPage:
         log.info("drain of %s requested from the status page by %s", worker_id, request.get("tenant") or "default")
         return json_response({"worker_id": worker_id, "drain": "requested"}, status=202)
 
+    async def cancel(self, request: web.Request) -> web.Response:
+        """Cancel a queued job of any tenant: an admin key's action. A running job answers 409, as over the API."""
+        if not self._may_act(request) or self._cancel is None:
+            raise Forbidden("cancelling a job from the status page needs API keys on (edge.auth) and an admin key")
+        job_id = check_job_id(request.match_info["job_id"])
+        state = self.projection.get(job_id)
+        if state is None:
+            raise NotFound(f"job {job_id} is not known (never submitted, or past its retention)")
+        state = await self._cancel(job_id, state.tenant)  # as its own tenant: the job service checks ownership
+        log.info("cancel of job %s requested from the status page by %s: now %s", job_id,
+                 request.get("tenant") or "default", state.status.value)
+        return json_response(job_timeline(state))
+
     def _may_act(self, request: web.Request) -> bool:
         principal = request.get("principal")
         return self._drain is not None and self.auth_enabled and getattr(principal, "role", "") == "admin"
@@ -133,7 +150,7 @@ class StatusPage:
             "edge": {"ready": self.ready(), "jobs_in_memory": len(self.projection),
                      "ledger_events": self.projection.events_applied},
             "viewer": {"tenant": request.get("tenant"), "role": getattr(principal, "role", "admin"),
-                       "may_drain": self._may_act(request)},
+                       "may_drain": self._may_act(request), "may_cancel": self._may_act(request) and self._cancel is not None},
             "models": self._models(snap, now),
             "workers": [_worker(w, now) for w in sorted(snap.workers, key=lambda w: (w.model, w.version, w.worker_id))],
             "nodes": [_node(n, now) for n in snap.nodes],
@@ -194,7 +211,19 @@ def _worker(w, now: float) -> dict[str, Any]:
 def _node(n, now: float) -> dict[str, Any]:
     return {"node": n.node, "providers": list(n.providers), "capacity": n.capacity, "workers": n.workers,
             "restarts": n.restarts, "last_exit": n.last_exit,
-            "age_s": round(max(0.0, now - n.started_at), 1) if n.started_at else None}
+            "age_s": round(max(0.0, now - n.started_at), 1) if n.started_at else None,
+            "device": n.facts.to_dict(), "last_outage": _outage(n, now)}
+
+
+def _outage(n, now: float) -> dict[str, Any] | None:
+    """The node's last loss of the broker or etcd: how long it lasted and how long ago it ended (None: none yet).
+
+    A node cut off now is not listed at all: its lease lapses. So what the page can
+    show of connectivity is the outage it came back from.
+    """
+    if not n.disconnected_since or n.reconnected_at < n.disconnected_since:
+        return None
+    return {"lasted_s": round(n.reconnected_at - n.disconnected_since, 1), "ago_s": round(max(0.0, now - n.reconnected_at), 1)}
 
 
 def _decision(d, now: float) -> dict[str, Any]:

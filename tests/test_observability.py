@@ -230,14 +230,17 @@ async def metered_agent(synced, tmp_path):
     from tests.conftest import free_port as free
     from tests.support import Process
 
+    from tests.jetson import ORIN, write_sysroot
+
     port = free()
+    # The device facts come from a Jetson AGX Orin's files (the agent reads them under --sysroot).
     proc = Process(["agent", "--node", "obsnode", "--capacity", "3", "--metrics-port", str(port)], synced,
-                   tmp_path / "agent.log")
+                   tmp_path / "agent.log", {"INFERQ_AGENT_SYSROOT": str(write_sysroot(tmp_path / "orin", ORIN))})
     yield proc, port
     await proc.stop(timeout=40)
 
 
-async def test_an_agent_serves_its_nodes_capacity_workers_and_providers_and_the_status_page_lists_the_node(
+async def test_an_agent_serves_its_nodes_capacity_workers_providers_and_jetson_facts_and_the_status_page_lists_them(
         metered_agent, spawn_edge, http) -> None:
     proc, port = metered_agent
 
@@ -252,6 +255,11 @@ async def test_an_agent_serves_its_nodes_capacity_workers_and_providers_and_the_
     assert value(metrics, "inferq_node_capacity", node="obsnode") == 3
     assert value(metrics, "inferq_node_workers", node="obsnode") == 0
     await wait_until(lambda: _has_provider(http, port), 30, "the node's providers")
+    metrics = await scrape(http, f"http://127.0.0.1:{port}")  # the facts come with the providers, in its record
+    assert value(metrics, "inferq_node_memory_bytes", node="obsnode") == 64335836 * 1024
+    assert value(metrics, "inferq_node_power_mode", node="obsnode", mode="MAXN") == 1
+    assert value(metrics, "inferq_node_device_info", node="obsnode", kind="jetson", model="NVIDIA Jetson AGX Orin Developer Kit",
+                 soc="tegra234", cuda_arch="8.7", l4t="36.4.3") == 1
     edge = await spawn_edge(env={"INFERQ_METRICS_REFRESH_S": "0.2"})
 
     async def listed() -> dict | None:
@@ -261,6 +269,8 @@ async def test_an_agent_serves_its_nodes_capacity_workers_and_providers_and_the_
 
     node = await wait_until(listed, 30, "the node on the status page's data")
     assert node["capacity"] == 3 and node["workers"] == 0 and "cpu" in node["providers"]
+    assert (node["device"]["soc"], node["device"]["power_mode"]) == ("tegra234", "MAXN"), node
+    assert node["last_outage"] is None, "it has not lost the broker or etcd since it started"
     async with http.get(f"{edge.url}/v1/metrics/targets") as resp:
         groups = [g for g in await resp.json() if g["labels"] == {"job": "inferq-agent", "node": "obsnode"}]
     assert [g["targets"] for g in groups] == [[f"127.0.0.1:{port}"]], "service discovery lists the agent too"
@@ -306,3 +316,14 @@ def test_a_finished_job_becomes_one_span_tree_in_its_trace_rooted_at_the_edges_s
     assert found["inference"].end_time - found["inference"].start_time == 80_000_000
     assert found["inference"].attributes["inferq.batch_size"] == 4
     assert root.start_time == 100 * 10**9 and root.end_time == int(100.6 * 10**9)
+
+
+def test_a_nodes_last_outage_is_how_long_it_lasted_and_how_long_ago_it_ended() -> None:
+    from inferq.edge.ui import _outage
+    from inferq.runtime.records import NodeRecord
+
+    assert _outage(NodeRecord("n"), now=1000.0) is None, "never cut off"
+    assert _outage(NodeRecord("n", disconnected_since=900.0, reconnected_at=912.5), now=1000.0) == \
+        {"lasted_s": 12.5, "ago_s": 87.5}
+    # A record written while the outage is still going on (its end not yet known) shows none finished.
+    assert _outage(NodeRecord("n", disconnected_since=950.0, reconnected_at=912.5), now=1000.0) is None

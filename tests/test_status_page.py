@@ -162,6 +162,9 @@ async def test_with_api_keys_on_the_page_asks_for_a_key_and_a_tenant_sees_only_i
         assert resp.status == 401, "the page's data needs a key"
     await expect(page.locator("#workers tbody tr", has_text="mlp:1").first).to_be_visible(timeout=WAIT_MS)
     await expect(page.locator("#workers button")).to_have_count(0)  # read-only for a user key
+    await expect(page.locator("#jobs button")).to_have_count(0)
+    async with http.post(f"{edge.url}/ui/api/jobs/{mine}/cancel", headers={"Authorization": f"Bearer {acme}"}) as resp:
+        assert resp.status == 403, "a user key cannot cancel from the page's API either"
 
     await page.reload()  # the key was in the page's memory only: it asks again
     await expect(page.locator("#connection")).to_have_text("API key needed", timeout=WAIT_MS)
@@ -172,6 +175,16 @@ async def test_with_api_keys_on_the_page_asks_for_a_key_and_a_tenant_sees_only_i
     assert await worker.wait(40) == 0, "the drained worker finishes its jobs and exits cleanly"
     await expect(row).to_have_count(0, timeout=WAIT_MS)
 
+    # With no worker left, a new job of acme's stays queued: the admin cancels it from the jobs table.
+    waiting = (await submit(http, edge, "mlp", sample("mlp"), headers={"Authorization": f"Bearer {acme}"}))["job_id"]
+    job_row = page.locator("#jobs tbody tr", has_text=waiting)
+    await job_row.get_by_role("button", name="Cancel").click(timeout=WAIT_MS)
+    await expect(page.locator("#timeline li").last).to_contain_text("cancelled", timeout=WAIT_MS)
+    await expect(job_row.locator("td").nth(2)).to_have_text("cancelled", timeout=WAIT_MS)
+    async with http.get(f"{edge.url}/v1/jobs/{waiting}", headers={"Authorization": f"Bearer {acme}"}) as resp:
+        assert (resp.status, (await resp.json())["status"]) == (200, "cancelled"), "its tenant sees what the ledger says"
+    await expect(page.locator("#jobs tbody tr", has_text=mine).get_by_role("button")).to_have_count(0)  # finished
+
 
 async def key_for(settings, tenant: str, role: str = "user") -> str:
     from inferq.edge.auth import create_key
@@ -179,3 +192,21 @@ async def key_for(settings, tenant: str, role: str = "user") -> str:
 
     async with open_etcd(settings.etcd) as client:
         return await create_key(client, settings.namespace, tenant, 0.0, 0, 5, role)
+
+
+async def test_the_nodes_table_shows_each_nodes_jetson_facts_and_connectivity(synced, spawn_edge, page, tmp_path) -> None:
+    from tests.jetson import ORIN, write_sysroot
+    from tests.support import Process
+
+    agent = Process(["agent", "--node", "orin-1", "--capacity", "2"], synced, tmp_path / "agent.log",
+                    {"INFERQ_AGENT_SYSROOT": str(write_sysroot(tmp_path / "orin", ORIN))})
+    try:
+        edge = await spawn_edge(env={"INFERQ_METRICS_REFRESH_S": "0.3"})
+        await page.goto(f"{edge.url}/ui")
+        row = page.locator("#nodes tbody tr", has_text="orin-1")
+        await expect(row.locator('td[data-field="device"]')).to_have_text(
+            "NVIDIA Jetson AGX Orin Developer Kit · tegra234 · L4T 36.4.3 · power MAXN · 61.4 GiB", timeout=WAIT_MS)
+        await expect(row.locator('td[data-field="outage"]')).to_have_text("none")
+        await screenshot(page, tmp_path, "status-page-nodes")
+    finally:
+        await agent.stop(timeout=40)

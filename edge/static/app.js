@@ -84,6 +84,24 @@ function renderModels(models) {
   }
 }
 
+function fmtBytes(n) {
+  if (!n) return "";
+  return n >= 2 ** 30 ? `${(n / 2 ** 30).toFixed(1)} GiB` : `${Math.round(n / 2 ** 20)} MiB`;
+}
+
+// What the node is: a Jetson's model, SoC, L4T and power mode, or a host's CPU; and its memory.
+function fmtDevice(d) {
+  if (!d) return "";
+  const parts = d.kind === "jetson"
+    ? [d.model, d.soc, d.l4t && `L4T ${d.l4t}`, d.power_mode && `power ${d.power_mode}`]
+    : [d.model, d.cpu_cores && `${d.cpu_cores} cores`];
+  return [...parts, fmtBytes(d.memory_bytes)].filter(Boolean).join(" · ");
+}
+
+function fmtOutage(o) {
+  return o ? `${o.lasted_s}s, ${fmtAge(o.ago_s)} ago` : "none";
+}
+
 function renderRows(selector, items, cells) {
   const body = $(`${selector} tbody`);
   body.replaceChildren(...items.map((item) => el("tr", {}, ...cells(item))));
@@ -102,6 +120,7 @@ function render(state) {
   renderRows("#nodes", state.nodes, (n) => [
     el("td", {}, n.node), el("td", {}, n.providers.join(", ")), el("td", { class: "num" }, n.capacity),
     el("td", { class: "num" }, n.workers), el("td", { class: "num" }, n.restarts), el("td", { class: "reason" }, n.last_exit),
+    el("td", { "data-field": "device" }, fmtDevice(n.device)), el("td", { "data-field": "outage" }, fmtOutage(n.last_outage)),
     el("td", {}, fmtAge(n.age_s))]);
   renderRows("#decisions", state.decisions, (d) => [
     el("td", {}, `${d.model}:${d.version}`), el("td", { class: "num" }, d.backlog), el("td", { class: "num" }, d.current),
@@ -110,7 +129,8 @@ function render(state) {
   renderRows("#jobs", state.jobs, (j) => [
     el("td", {}, el("a", { href: "#", "data-job": j.job_id }, j.job_id)), el("td", {}, `${j.model}:${j.version}`),
     el("td", { class: `status-${j.status}` }, j.status), el("td", { class: "reason", title: j.error ? j.error.message : "" }, j.error ? `${j.error.code}: ${clip(j.error.message, 140)}` : ""),
-    el("td", {}, j.worker ?? ""), el("td", { class: "num" }, j.attempts), el("td", {}, j.updated_at ?? "")]);
+    el("td", {}, j.worker ?? ""), el("td", { class: "num" }, j.attempts), el("td", {}, j.updated_at ?? ""),
+    el("td", {}, state.viewer.may_cancel && j.status === "queued" ? el("button", { type: "button", class: "small", "data-cancel": j.job_id }, "Cancel") : "")]);
   if (state.stale) setConnection("live · stale data", "stale"); else setConnection("live", "live");
   $("#footer").textContent = `edge ${state.edge.ready ? "ready" : "not ready"} · ${state.edge.jobs_in_memory} jobs in the ledger window · refreshed ${state.refreshed_at ?? "never"}`;
 }
@@ -170,9 +190,16 @@ async function drain(workerId) {
   if (!resp.ok) alert((await resp.json()).error?.message ?? resp.statusText);
 }
 
+async function cancel(jobId) {
+  const resp = await fetch(`/ui/api/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST", headers: headers() });
+  if (!resp.ok) alert((await resp.json()).error?.message ?? resp.statusText); else lookup(jobId);
+}
+
 document.addEventListener("click", (e) => {
   const worker = e.target?.dataset?.drain;
   if (worker) { e.preventDefault(); e.target.disabled = true; drain(worker); return; }
+  const doomed = e.target?.dataset?.cancel;
+  if (doomed) { e.preventDefault(); e.target.disabled = true; cancel(doomed); return; }
   const id = e.target?.dataset?.job;
   if (id) { e.preventDefault(); $("#job-id").value = id; lookup(id); }
 });
