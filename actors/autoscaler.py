@@ -229,6 +229,8 @@ class Autoscaler(Actor):
             self._bad_overrides[record.name] = override
             return policy
         self._bad_overrides.pop(record.name, None)
+        if self._policies.get(record.name, policy) != policy:
+            self.launches.forget(record.name)  # an operator acted on the model: a version given up on may start now
         self._policies[record.name] = policy
         return policy
 

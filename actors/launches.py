@@ -6,6 +6,13 @@ launch that never registered within the grace period, doubles the wait before
 the next launch (1 s up to 60 s); a worker that registers clears the record.
 The last reason is kept, so the autoscaler's decision can say why it waits.
 
+Backoff alone would still relaunch a version that can never start, once a
+minute for ever. After ``MAX_FAILED_STARTS`` failures in a row the book gives
+up on it: one error is logged, the decision says so, and nothing is launched
+until something changes that could fix it: a worker of it registers (started
+by hand, say), its model's scaling policy changes (:meth:`LaunchBook.forget`),
+or the autoscaler restarts.
+
 A worker registered as warming (loading its model, building a TensorRT engine,
 which can take minutes on a Jetson) counts as there: it is coming, not failed,
 and another is not started for the same demand (:func:`counted`).
@@ -13,14 +20,18 @@ and another is not started for the same demand (:func:`counted`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from inferq.runtime.records import WorkerRecord
 
+log = logging.getLogger("inferq.autoscaler.launches")
+
 SPAWN_GRACE_S = 30.0
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
+MAX_FAILED_STARTS = 10  # in a row, about 5 minutes of backoff: then no more until something changes
 
 
 @dataclass
@@ -70,6 +81,9 @@ class LaunchBook:
         record.count += 1
         record.reason = reason
         record.retry_at = now + min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (record.count - 1))
+        if record.count == MAX_FAILED_STARTS:
+            log.error("%s:%s: %d starts in a row failed; launching no more of it until a worker of it registers, "
+                      "its scaling policy changes or the autoscaler restarts. Last: %s", *key, record.count, reason)
         pending = self._pending.get(key)
         if pending is not None:
             pending.count -= 1
@@ -79,9 +93,17 @@ class LaunchBook:
     def held(self, key: tuple[str, str], now: float) -> str | None:
         """Why a launch must wait now, or None if it may go ahead."""
         record = self._failures.get(key)
+        if record is not None and record.count >= MAX_FAILED_STARTS:
+            return (f"gave up after {record.count} failed starts in a row (a worker registering, a policy change or "
+                    f"an autoscaler restart tries again): {record.reason}")
         if record is None or now >= record.retry_at:
             return None
         return f"backing off {record.retry_at - now:.0f}s after {record.count} failed start(s): {record.reason}"
+
+    def forget(self, model: str) -> None:
+        """Clear the failures of every version of ``model``: something that could fix its starts changed."""
+        for key in [k for k in self._failures if k[0] == model]:
+            del self._failures[key]
 
 
 def counted(members: Iterable[WorkerRecord], draining: Collection[str]) -> tuple[list[WorkerRecord], int]:

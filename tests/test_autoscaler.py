@@ -74,6 +74,26 @@ def test_a_worker_that_never_registers_still_counts_as_a_failed_launch() -> None
     assert "never registered" in book.held(key, 31.0)
 
 
+def test_a_version_that_never_starts_is_given_up_on_after_ten_failed_starts_until_something_changes() -> None:
+    from inferq.actors.launches import MAX_FAILED_STARTS
+
+    key, other, book = ("m", "1"), ("n", "1"), LaunchBook(grace_s=30)
+    now = 0.0
+    for i in range(MAX_FAILED_STARTS - 1):
+        book.failed(key, "model file gone", now)
+        now += 61.0  # past the longest backoff: each failure alone would let the next launch go
+        assert book.held(key, now) is None, f"after {i + 1} failures the backoff has passed"
+    book.failed(key, "model file gone", now)
+    book.failed(other, "broken provider", now)
+    held = book.held(key, now + 3600.0)
+    assert held is not None and "gave up after 10 failed starts" in held and "model file gone" in held
+    book.forget("m")  # its scaling policy changed
+    assert book.held(key, now + 3600.0) is None
+    assert book.held(other, now + 0.5) is not None, "another model's backoff is its own"
+    book.launched(other, 0, 1, now=now + 100.0)
+    assert book.current(other, 1, now=now + 101.0) == 1 and book.held(other, now + 101.0) is None, "a registered worker clears it"
+
+
 async def test_backlog_scales_from_zero_to_several_workers_and_back_to_zero(synced, spawn_autoscaler, amqp) -> None:
     await set_policy(synced, "scaled", min_workers=0, max_workers=3, target_backlog_per_worker=100, **FAST)
     jobs = [await amqp.submit("scaled", {"x": sample("mlp", seed=i)}) for i in range(400)]
