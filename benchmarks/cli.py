@@ -46,6 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     bench.add_argument("--scaling-interval", type=float, default=0.5, help="autoscaler interval_s during --scaling (default 0.5)")
     bench.add_argument("--pipeline", action="store_true",
                        help="instead: the transformer demo split in 2 stages on 2 workers vs the whole model on 1 and 2")
+    bench.add_argument("--priority", action="store_true",
+                       help="instead: how long high (and normal) HTTP jobs wait behind a backlog of --jobs (default 3000) "
+                            "bulk AMQP jobs")
     bench.add_argument("--large", action="store_true",
                        help="instead: edge memory and ledger disk over --jobs (default 300) jobs of a large-output model")
     bench.add_argument("--large-width", type=int, default=1_000_000,
@@ -60,6 +63,8 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         return _run_scaling(settings, args)
     if args.pipeline:
         return _run_pipeline(settings, args)
+    if args.priority:
+        return _run_priority(settings, args)
     if args.large:
         from inferq.benchmarks.large import run_large
 
@@ -85,6 +90,24 @@ def _run_scaling(settings: Settings, args: argparse.Namespace) -> int:
     print(f"cold start (0 workers -> first result): median {result['cold_start_s_median']} s  {result['cold_start_s']}")
     print(f"backlog -> second worker consuming:      median {result['scale_up_s_median']} s  {result['scale_up_s']}")
     print(f"goal: both under 3 s. Written to {path}")
+    return 0
+
+
+def _run_priority(settings: Settings, args: argparse.Namespace) -> int:
+    import datetime
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from inferq.benchmarks.harness import RESULTS_DIR
+    from inferq.benchmarks.priority import run_priority
+
+    jobs = args.jobs or (300 if args.quick else 3000)
+    print(f"priority: {jobs} bulk jobs over AMQP, then 5 probes over HTTP, high and then normal", flush=True)
+    result = run_priority(settings, Path(tempfile.mkdtemp(prefix="inferq-priority-")), jobs, 5)
+    path = Path(args.output) if args.output else RESULTS_DIR / f"priority-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"goal: at most 10% of the waiting normal jobs start before a high one. Written to {path}")
     return 0
 
 

@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 
 from inferq.benchmarks.procs import Children, python_argv
-from inferq.benchmarks.stack import Stack, run_async
+from inferq.benchmarks.stack import Stack, run_async, until
 from inferq.settings import Settings
 
 
@@ -67,7 +67,7 @@ async def _round(stack: Stack, children: Children, interval_s: float, index: int
     scaler = children.start("autoscaler", argv, env, stack.logs / f"autoscaler-{index}.log")
     try:
         async with await BrokerConnection.open(s.broker, "bench-scaling") as connection:
-            await _until(lambda: _consumers(connection, queue, 0), 30)
+            await until(lambda: _consumers(connection, queue, 0), 30)
             await asyncio.sleep(interval_s * 2)  # the autoscaler is up and has seen zero workers
             cold = await _cold_start(connection, topology)
             up = await _scale_up(connection, topology, queue)
@@ -92,9 +92,9 @@ async def _scale_up(connection: Any, topology: Any, queue: str) -> float:
     publishing = asyncio.create_task(_flood(connection, topology, 20_000))
     try:
         # The backlog "appears" when the ready count first exceeds one worker's target.
-        await _until(lambda: _ready_over(connection, queue, 200), 60, interval=0.01)
+        await until(lambda: _ready_over(connection, queue, 200), 60, interval=0.01)
         appeared = time.perf_counter()
-        await _until(lambda: _consumers(connection, queue, 2), 60, interval=0.01)
+        await until(lambda: _consumers(connection, queue, 2), 60, interval=0.01)
         return time.perf_counter() - appeared
     finally:
         publishing.cancel()
@@ -124,11 +124,3 @@ async def _consumers(connection: Any, queue: str, n: int) -> bool:
 async def _ready_over(connection: Any, queue: str, n: int) -> bool:
     counts = await connection.queue_counts(queue)
     return counts is not None and counts[0] > n
-
-
-async def _until(check: Any, timeout: float, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout}s")
-        await asyncio.sleep(interval)

@@ -42,6 +42,15 @@ def run_async(coro: Any) -> Any:
     return _LOOP.run_until_complete(coro)
 
 
+async def until(check: Any, timeout: float, interval: float = 0.1) -> None:
+    """Await ``check()`` every ``interval`` seconds until it is true; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout}s")
+        await asyncio.sleep(interval)
+
+
 class Stack:
     """Edge + one worker per model, as child processes of the harness."""
 
@@ -128,8 +137,7 @@ class Stack:
 
     def start_worker(self, model: str, timeout: float = 60.0) -> str:
         """Start ``inferq worker --model M``; return its worker id once it is registered in etcd."""
-        args = python_argv("-m", "inferq.cli", "--log-level", "warning", "worker", "--model", model)
-        proc = self.workers[model] = self.children.start(f"worker {model}", args, self.env(), self.logs / f"worker-{model}.log")
+        proc = self.spawn_worker(model)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive(proc, f"worker {model}")
@@ -143,6 +151,12 @@ class Stack:
                     return worker_id
             time.sleep(0.2)
         raise RuntimeError(f"worker {model} did not register in {timeout}s; see {self.logs}")
+
+    def spawn_worker(self, model: str) -> subprocess.Popen[Any]:
+        """Start ``inferq worker --model M`` and return at once (callers on the event loop wait their own way)."""
+        args = python_argv("-m", "inferq.cli", "--log-level", "warning", "worker", "--model", model)
+        proc = self.workers[model] = self.children.start(f"worker {model}", args, self.env(), self.logs / f"worker-{model}.log")
+        return proc
 
     def stop_worker(self, model: str) -> None:
         proc = self.workers.pop(model, None)

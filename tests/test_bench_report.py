@@ -32,3 +32,14 @@ def test_edge_process_counts_are_read_in_order(text: str, counts: list[int]) -> 
 def test_a_bad_edge_process_count_is_refused_with_a_clear_message(text: str) -> None:
     with pytest.raises(SystemExit, match="--edge-processes"):
         _counts(text)
+
+
+def test_a_probes_share_counts_only_the_bulk_jobs_still_waiting_when_it_arrived_that_started_before_it() -> None:
+    from inferq.benchmarks.priority import _figures
+
+    # Bulk jobs started at t = 1..10; the probe was sent at 4.5 and started at 6.5: of the six still
+    # waiting (5..10), two (5, 6) went first. Those started before it was sent do not count.
+    probe = {"sent": 4.5, "started": 6.5, "answered": 7.0}
+    figures = _figures([probe], [float(t) for t in range(1, 11)])
+    assert figures["probes"] == [{"wait_ms": 2000.0, "answer_ms": 2500.0, "waiting": 6, "ahead": 2, "ahead_pct": 33.33}]
+    assert (figures["ahead_pct_max"], figures["waiting_min"], figures["backlog_seconds"]) == (33.33, 6, 9.0)
