@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                        help="instead: how long high (and normal) HTTP jobs wait behind a backlog of --jobs (default 3000) "
                             "bulk AMQP jobs")
     bench.add_argument("--large", action="store_true",
-                       help="instead: edge memory and ledger disk over --jobs (default 300) jobs of a large-output model")
+                       help="instead: edge memory and ledger disk over --jobs (default 2000) jobs of a large-output model")
     bench.add_argument("--large-width", type=int, default=1_000_000,
                        help="--large: floats per result row (default 1000000: 4 MB a job, as in issue 19)")
     bench.add_argument("--own-broker", action="store_true", help="--large: run on a RabbitMQ node of its own, on free ports")

@@ -17,6 +17,7 @@ import json
 import secrets
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +44,7 @@ def run_large(settings: Settings, args: argparse.Namespace) -> int:
             node = _own_broker(workdir)
             settings = replace(settings, broker=BrokerSettings(url=node.url))
         streams = node.root if node is not None else SHARED_STREAMS
-        result = _profile(settings, workdir, children, args.jobs or 300, args.large_width, streams)
+        result = _profile(settings, workdir, children, args.jobs or 2000, args.large_width, streams)
     finally:
         children.stop_all()
         if node is not None:
@@ -87,7 +88,7 @@ def _profile(settings: Settings, workdir: Path, children: Children, jobs: int, w
             if (i + 1) % max(1, jobs // 10) == 0 or i + 1 == jobs:
                 samples.append(_sample(stack, i + 1, streams))
         elapsed = time.monotonic() - started
-        readback = _readback_ms(stack.url, job_ids[:20])  # the oldest: long out of the cache, read from the stream
+        readback = _readback_ms(stack.url, job_ids)  # the oldest still kept: long out of the cache, read from the stream
         stack.children.stop(stack.edge, grace_s=10)
         stack.start_edge(timeout=300)  # ready once it has replayed the ledger's retention window
         restarted = _sample(stack, jobs, streams)
@@ -119,17 +120,30 @@ def _submit(url: str, x: np.ndarray) -> dict[str, Any]:
     return doc
 
 
-def _readback_ms(url: str, job_ids: list[str]) -> dict[str, float]:
-    """How long a GET of a result the edge no longer caches takes (read back from the ledger stream, streamed out)."""
-    times = []
+def _readback_ms(url: str, job_ids: list[str], reads: int = 20) -> dict[str, float]:
+    """How long a GET of a result the edge no longer caches takes (read back from the ledger stream, streamed out).
+
+    Oldest first: those the ledger's byte retention already dropped answer 410 ``result_expired``
+    and are counted (``expired``) until ``reads`` results have been read back.
+    """
+    times, expired = [], 0
     for job_id in job_ids:
+        if len(times) >= reads:
+            break
         started = time.perf_counter()
         request = urllib.request.Request(f"{url}/v1/jobs/{job_id}", headers={"Accept": "application/msgpack"})
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            resp.read()
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 410 or times:  # past retention is the oldest results only, never one after a kept one
+                raise
+            expired += 1
+            continue
         times.append((time.perf_counter() - started) * 1000)
     times.sort()
-    return {"p50": round(times[len(times) // 2], 1), "max": round(times[-1], 1)} if times else {}
+    figures = {"p50": round(times[len(times) // 2], 1), "max": round(times[-1], 1)} if times else {}
+    return {**figures, "expired": expired}
 
 
 def _check(doc: dict[str, Any], repo: Path, width: int) -> None:
@@ -181,9 +195,10 @@ def _print(result: dict[str, Any]) -> None:
     for label, s in rows:
         print(f"{label:>12} | {s['edge_rss_mb']:>6.0f} MB | {s['projection_mb']:>7.2f} MB | {s['jobs_in_memory']:>9} | "
               f"{s['ledger_disk_mb']:>11.0f} MB")
-    if result.get("readback_ms"):
-        print(f"GET of a result read back from the ledger: p50 {result['readback_ms']['p50']} ms, "
-              f"max {result['readback_ms']['max']} ms")
+    readback = result.get("readback_ms") or {}
+    if readback.get("p50") is not None:
+        print(f"GET of a result read back from the ledger: p50 {readback['p50']} ms, max {readback['max']} ms; "
+              f"the {readback['expired']} oldest results were past the ledger's retention (410 result_expired)")
 
 
 def _has_matplotlib() -> bool:
