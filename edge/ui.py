@@ -125,7 +125,7 @@ class StatusPage:
 
     async def cancel(self, request: web.Request) -> web.Response:
         """Cancel a queued job of any tenant: an admin key's action. A running job answers 409, as over the API."""
-        if not self._may_act(request) or self._cancel is None:
+        if not self._may_cancel(request):
             raise Forbidden("cancelling a job from the status page needs API keys on (edge.auth) and an admin key")
         job_id = check_job_id(request.match_info["job_id"])
         state = self.projection.get(job_id)
@@ -140,6 +140,9 @@ class StatusPage:
         principal = request.get("principal")
         return self._drain is not None and self.auth_enabled and getattr(principal, "role", "") == "admin"
 
+    def _may_cancel(self, request: web.Request) -> bool:
+        return self._cancel is not None and self._may_act(request)
+
     def document(self, request: web.Request) -> dict[str, Any]:
         """What the page shows, from the cached overview and the projection."""
         snap, now = self.overview.snapshot, time.time()
@@ -150,7 +153,7 @@ class StatusPage:
             "edge": {"ready": self.ready(), "jobs_in_memory": len(self.projection),
                      "ledger_events": self.projection.events_applied},
             "viewer": {"tenant": request.get("tenant"), "role": getattr(principal, "role", "admin"),
-                       "may_drain": self._may_act(request), "may_cancel": self._may_act(request) and self._cancel is not None},
+                       "may_drain": self._may_act(request), "may_cancel": self._may_cancel(request)},
             "models": self._models(snap, now),
             "workers": [_worker(w, now) for w in sorted(snap.workers, key=lambda w: (w.model, w.version, w.worker_id))],
             "nodes": [_node(n, now) for n in snap.nodes],
