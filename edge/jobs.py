@@ -303,7 +303,7 @@ class JobService:
             await self.ledger.write(events)
             return await derive(await self._synced(job_id) or state, self.projection.get, self.outputs)
         if state.status == RUNNING:
-            if not await self._is_pipeline(state.model):
+            if not state.stages and not await self._is_pipeline(state.model):
                 raise Conflict(f"job {job_id} is running; it will finish and cannot be cancelled now")
             # The stage running it finishes; its worker records the cancellation at the stage boundary.
             await self.cancels.write([event])

@@ -122,8 +122,11 @@ class JobState:
         if event.webhook and self.webhook is None:
             self.webhook = dict(event.webhook)
         before = (self.status, self.attempts, self.created_at, self.started_at)
-        self.model = self.model or event.model
-        self.version = self.version or event.version
+        if event.status == QUEUED:  # the submitting edge's word: a pipeline's stage events name the stage's model
+            self.model, self.version = event.model or self.model, event.version or self.version
+        else:
+            self.model = self.model or event.model
+            self.version = self.version or event.version
         self.tenant = self.tenant or event.tenant
         self.alias = self.alias or event.alias
         self.shadow_of = self.shadow_of or event.shadow_of

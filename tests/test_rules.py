@@ -177,6 +177,14 @@ def test_events_out_of_order_give_the_same_state() -> None:
     assert (a.status, a.created_at, a.started_at) == (b.status, b.created_at, b.started_at) == (SUCCEEDED, 1, 2)
 
 
+def test_a_pipeline_job_is_named_by_its_submission_even_when_its_first_stage_is_heard_of_first() -> None:
+    # The edge publishes before it records the job queued, so a stage worker's running event can come first.
+    running = JobEvent("j", RUNNING, "p-s0", "1", ts=2, attempt=1, stage="p-s0")
+    queued = JobEvent("j", QUEUED, "p", "3", ts=1)
+    for state in (fold(running, queued), fold(queued, running)):
+        assert (state.model, state.version, state.status, state.stage) == ("p", "3", RUNNING, "p-s0")
+
+
 # --- providers, rate limits -------------------------------------------------------------------------------------------
 
 def test_providers_missing_from_this_build_are_skipped_and_cpu_comes_last() -> None:
