@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from inferq.broker.codec import DTYPES
 from inferq.errors import InvalidInput
 from inferq.runtime.repository import ModelVersion, TensorSpec
 
@@ -66,8 +65,3 @@ def _batch_aligned(spec: TensorSpec) -> bool:
 def is_batchable(version: ModelVersion) -> bool:
     """Whether jobs may be stacked: every input and every output has a dynamic first (batch) dim."""
     return all(_batch_aligned(s) for s in version.inputs) and all(_batch_aligned(s) for s in version.outputs)
-
-
-def unsendable_outputs(version: ModelVersion) -> list[str]:
-    """Outputs whose dtype the wire codec cannot carry (strings, for instance): jobs asking for them fail."""
-    return [s.name for s in version.outputs if s.dtype not in DTYPES]
