@@ -165,7 +165,8 @@ class ShardWorker(Actor):
         self._lease = await self.own(MembershipLease.open(
             etcd, keys(s.namespace).worker(self.worker_id), self._record(WorkerState.WARMING), s.etcd.lease_ttl_s, s.etcd.timeout_s
         ))
-        self._warmup_error = await warm_up(session, self.version)
+        warmed = await warm_up(session, self.version)
+        self._warmup_error, self.version = warmed.error, warmed.version
         starts = StartBook(etcd, keys(s.namespace).starts, s.jobs.ttl_s, s.etcd.timeout_s)
         self._context = Context(self.worker_id, self.entry, self.version, session, cancels, starts, ledger,
                                 result_limit(s), self.stats.record_batch, tenancy=tenancy,

@@ -9,6 +9,7 @@ outputs come back whole.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,3 +66,22 @@ def _batch_aligned(spec: TensorSpec) -> bool:
 def is_batchable(version: ModelVersion) -> bool:
     """Whether jobs may be stacked: every input and every output has a dynamic first (batch) dim."""
     return all(_batch_aligned(s) for s in version.inputs) and all(_batch_aligned(s) for s in version.outputs)
+
+
+def batch_breaking_outputs(version: ModelVersion, outputs: Mapping[str, np.ndarray]) -> list[str]:
+    """Outputs declared batch-aligned whose result for a one-row feed is not: 0-d, or a first dim other than 1.
+
+    Such a model lies about its signature; batching its jobs would slice
+    outputs wrongly, so they must run one job per session run.
+    """
+    if not is_batchable(version):
+        return []
+    return [spec.name for spec in version.outputs
+            if spec.name in outputs and (np.ndim(outputs[spec.name]) == 0 or np.shape(outputs[spec.name])[0] != 1)]
+
+
+def unbatched(version: ModelVersion, names: Sequence[str]) -> ModelVersion:
+    """``version`` with the outputs ``names`` of unknown shape, which makes it unbatchable (one job per run)."""
+    outputs = tuple(dataclasses.replace(s, shape=None) if s.name in names else s for s in version.outputs)
+    return dataclasses.replace(version, outputs=outputs)
+

@@ -236,6 +236,16 @@ def test_a_batched_output_that_breaks_the_batch_is_refused_for_a_rerun() -> None
         group.split({"y": np.zeros((3, 2), np.float32)})
 
 
+def test_a_one_row_run_whose_output_is_0d_or_not_one_row_breaks_the_declared_batch() -> None:
+    from inferq.runtime.signature import batch_breaking_outputs, unbatched
+
+    assert batch_breaking_outputs(MLP, {"y": np.zeros((1, 2), np.float32)}) == []
+    assert batch_breaking_outputs(MLP, {"y": np.float32(1)}) == ["y"]
+    assert batch_breaking_outputs(MLP, {"y": np.zeros((3, 2), np.float32)}) == ["y"]
+    assert batch_breaking_outputs(UNBATCHED, {"y": np.float32(1)}) == [], "an unbatched model claims no batch dim"
+    assert not is_batchable(unbatched(MLP, ["y"]))
+
+
 def test_inputs_of_an_unbatched_model_need_not_share_their_first_dim() -> None:
     key, count = validate({"x": np.zeros((2, 4), np.float32), "shape": np.array([4, 2])}, None, UNBATCHED, True)
     assert (key, count) == (None, 1)

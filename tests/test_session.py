@@ -65,7 +65,7 @@ async def open_session(settings: Settings, model: str, **config: object) -> tupl
 async def test_a_tiny_models_runs_are_inline_after_the_warm_up(settings: Settings) -> None:
     session, version = await open_session(settings, "mlp")
     async with session:
-        assert await warm_up(session, version) == ""
+        assert (await warm_up(session, version)).error == ""
         assert session.inline_runs == 0  # the warm-up went to the thread
         x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
         outputs = [next(iter((await session.run({"x": x})).values())) for _ in range(5)]
@@ -99,3 +99,43 @@ async def test_a_run_in_the_session_thread_past_its_timeout_is_stopped_and_fails
         with pytest.raises(InferenceError, match="did not finish within 0.01s"):
             await session.run({"x": np.zeros((256, 256), np.float32)}, None, 0.01)
         assert not session.wedged and session.inline_runs == 0
+
+
+def write_fixed_output_model(root, name: str) -> None:
+    """x float32[N,4] -> y declared float32[N,2], but always a constant [3,2]: a signature that lies about its batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["y"])], name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(3, 2), "c")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    (root / name / "1").mkdir(parents=True)
+    onnx.save(model, str(root / name / "1" / "model.onnx"))
+
+
+async def test_an_output_that_breaks_its_declared_batch_dim_at_load_makes_the_model_run_one_job_at_a_time(tmp_path) -> None:
+    from inferq.actors.planner import plan
+    from inferq.broker.messages import JobRequest
+    from inferq.runtime.signature import is_batchable
+
+    write_fixed_output_model(tmp_path, "liar")
+    entry = load_model(tmp_path, "liar")
+    declared = entry.version(None)
+    assert is_batchable(declared)
+    async with await ModelSession.open(declared, entry.config) as session:
+        warmed = await warm_up(session, declared)
+    assert warmed.error == "" and not is_batchable(warmed.version)
+    jobs = [(i, JobRequest(f"j{i}", {"x": np.zeros((1, 4), np.float32)})) for i in range(3)]
+    groups, rejected = plan(jobs, warmed.version, allow_nan=True)
+    assert not rejected and [len(g.requests) for g in groups] == [1, 1, 1]
+
+
+async def test_a_model_true_to_its_batch_dim_keeps_its_signature_after_the_warm_up(settings: Settings) -> None:
+    session, version = await open_session(settings, "mlp")
+    async with session:
+        assert (await warm_up(session, version)).version == version
