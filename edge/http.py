@@ -18,6 +18,7 @@ from inferq.broker.trace import TRACEPARENT_HEADER, new_traceparent, parse_trace
 from inferq.edge import download, eventstream, listing, v2, webhook_url
 from inferq.edge.agent_api import AgentAPI
 from inferq.edge.auth import Authenticator, priority_for
+from inferq.edge.bodies import BodyParser
 from inferq.edge.errors import json_errors
 from inferq.edge.inventory import Inventory
 from inferq.edge.jobs import JobService, Submission
@@ -99,7 +100,8 @@ class EdgeAPI:
     def __init__(self, service: JobService, inventory: Inventory, settings: EdgeSettings, auth: Authenticator,
                  registry: RegistryAPI | None = None, agents: AgentAPI | None = None, edge_metrics: EdgeMetrics | None = None,
                  overview: Overview | None = None, webhooks: WebhookSettings | None = None,
-                 webhook_secrets: Callable[[str | None], Awaitable[list[str]]] | None = None) -> None:
+                 webhook_secrets: Callable[[str | None], Awaitable[list[str]]] | None = None,
+                 bodies: BodyParser | None = None) -> None:
         self.service = service
         self.webhooks = webhooks or WebhookSettings()
         self._webhook_secrets = webhook_secrets or _deployment_secret(self.webhooks)
@@ -111,6 +113,7 @@ class EdgeAPI:
         self.agents = agents
         self.edge_metrics = edge_metrics or EdgeMetrics()
         self.overview = overview
+        self.bodies = bodies or BodyParser()
 
     def app(self) -> web.Application:
         """The aiohttp application with the /v1 and /metrics routes (``V2Routes.register`` adds /v2)."""
@@ -150,9 +153,10 @@ class EdgeAPI:
         model, version, alias = request.match_info["model"], request.match_info.get("version"), request.match_info.get("alias")
         ctype = request.content_type
         if ctype in MSGPACK_TYPES:
-            inputs, outputs, params, extras = parse_submission(await self._body(request), SUBMIT_FIELDS)
+            inputs, outputs, params, extras = await self.bodies.parse(parse_submission, await self._body(request), SUBMIT_FIELDS)
         elif ctype in JSON_TYPES or BINARY_HEADER in request.headers:
-            parsed = v2.parse_infer_request(await self._body(request), v2.header_length(request.headers.get(BINARY_HEADER)))
+            parsed = await self.bodies.parse(v2.parse_infer_request, await self._body(request),
+                                             v2.header_length(request.headers.get(BINARY_HEADER)))
             inputs, params, extras = parsed.inputs, parsed.parameters, parsed.extras
             outputs = tuple(o.name for o in parsed.outputs) if parsed.outputs else None
         else:

@@ -18,6 +18,7 @@ from inferq.broker.tail import LedgerTail, retention_start
 from inferq.broker.topology import Topology
 from inferq.edge.agent_api import AgentAPI
 from inferq.edge.auth import Authenticator, load_keys_file
+from inferq.edge.bodies import BodyParser
 from inferq.edge.control import ModelControl
 from inferq.edge.grpc_server import GrpcEdge
 from inferq.edge.group import PID_HEADER
@@ -132,9 +133,11 @@ class EdgeServer(Actor):
         self.spawn(overview.refresh_forever(), "overview-refresh")
         self.spawn(webhooks.count_pending_forever(s.metrics.refresh_s), "webhook-pending")
         self.metrics.serve(overview, self.projection, registry, webhooks, results_read=lambda: service.results_read)
+        bodies = BodyParser()  # one helper process for the large bodies of /v1 and /v2
+        self.on_stop(bodies.aclose)
         app = EdgeAPI(service, inventory, s.edge, auth, registry, AgentAPI(s, etcd), self.metrics, overview, s.webhooks,
-                      self._webhook_secrets).app()
-        V2Routes(serving, s.edge).register(app)
+                      self._webhook_secrets, bodies).app()
+        V2Routes(serving, s.edge, bodies).register(app)
         async def drain_worker(worker_id: str) -> None:
             await send(connection, self.topology.control, worker_key(worker_id), {"command": "drain"})
 

@@ -17,6 +17,7 @@ from inferq.broker.trace import TRACEPARENT_HEADER
 from inferq.broker.topology import HIGH
 from inferq.edge import triton, v2
 from inferq.edge.auth import Principal, priority_for
+from inferq.edge.bodies import BodyParser
 from inferq.edge.errors import add_error_style
 from inferq.edge.responses import json_response
 from inferq.edge.serving import Serving
@@ -34,9 +35,10 @@ def v2_error_response(status: int, code: str, message: str, headers: Mapping[str
 class V2Routes:
     """The ``/v2`` handlers; :meth:`register` adds them (and the v2 error style) to an app."""
 
-    def __init__(self, serving: Serving, settings: EdgeSettings) -> None:
+    def __init__(self, serving: Serving, settings: EdgeSettings, bodies: BodyParser | None = None) -> None:
         self.serving = serving
         self.settings = settings
+        self.bodies = bodies or BodyParser()
 
     def register(self, app: web.Application) -> None:
         """Add every /v2 route to ``app`` (before it starts)."""
@@ -106,7 +108,7 @@ class V2Routes:
     async def infer(self, request: web.Request) -> web.Response:
         """Synchronous inference: submit a job, wait, answer (binary extension included)."""
         body = await _read(request, self.settings.max_body_bytes)
-        parsed = v2.parse_infer_request(body, v2.header_length(request.headers.get(v2.HEADER_LENGTH)))
+        parsed = await self.bodies.parse(v2.parse_infer_request, body, v2.header_length(request.headers.get(v2.HEADER_LENGTH)))
         model, version = _model(request)
         priority = priority_for(request.get("principal"), None, HIGH)
         state, arrays = await self.serving.infer(model, version, parsed, request.get("tenant"), priority=priority,

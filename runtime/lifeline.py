@@ -71,6 +71,12 @@ def arm(environ: MutableMapping[str, str] = os.environ) -> Lifeline | None:
     return Lifeline(parent)
 
 
+def die_with_parent() -> None:
+    """For a helper process without state of its own (a pool worker): SIGKILL it when its parent goes (Linux)."""
+    if sys.platform.startswith("linux"):
+        _set_parent_death_signal(signal.SIGKILL)
+
+
 def _set_parent_death_signal(sig: int) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import math
+import time
 import uuid
 
 import aio_pika
@@ -166,3 +168,28 @@ async def test_a_tenant_limited_to_normal_priority_is_refused_high_and_its_waits
         assert resp.status == 403 and "normal-priority" in (await resp.json())["error"]["message"]
     async with http.post(f"{edge.url}/v1/models/mlp/jobs", params={"wait": "10"}, json=body, headers=bulk) as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "succeeded", "a wait is no request for high"
+
+
+async def test_a_huge_json_submit_is_parsed_off_the_loop_so_health_checks_keep_answering(spawn_edge, http) -> None:
+    edge = await spawn_edge()
+    rows = 12_000  # 3 million floats, 36 MB of JSON: seconds of json.loads and list-to-array work
+    data = b"0.123456789," * (rows * 256 - 1) + b"0.5"
+    body = b'{"inputs":[{"name":"nope","datatype":"FP32","shape":[%d,256],"data":[%s]}]}' % (rows, data)
+    started = time.monotonic()
+
+    async def submit() -> tuple[int, dict]:
+        async with http.post(f"{edge.url}/v1/models/mlp/jobs", data=body, headers={"Content-Type": "application/json"}) as resp:
+            return resp.status, await resp.json()
+
+    big = asyncio.ensure_future(submit())
+    latencies = []
+    while not big.done():
+        t0 = time.monotonic()
+        async with http.get(f"{edge.url}/v2/health/live") as resp:
+            assert resp.status == 200
+        latencies.append(time.monotonic() - t0)
+    status, doc = await big
+    took = time.monotonic() - started
+    assert status == 422 and "nope" in doc["error"]["message"], doc  # parsed whole, then refused by name
+    # On the loop, one health check would wait out the whole parse: most of the submit's time.
+    assert len(latencies) >= 5 and max(latencies) < took / 3, (took, sorted(latencies)[-3:], len(latencies))
