@@ -42,6 +42,7 @@ from inferq.runtime.actor import Actor
 from inferq.runtime.catalog import read_model
 from inferq.runtime.coordination import keys, open_etcd
 from inferq.runtime.device import DeviceFacts, read_facts
+from inferq.runtime.election import Fence
 from inferq.runtime.membership import MembershipLease
 from inferq.runtime.metrics import advertised, gauge, open_endpoint
 from inferq.runtime.modelcache import ModelCache
@@ -93,6 +94,7 @@ class Agent(Actor):
         self._desired = settings.state_dir / "agent" / f"{node}-workers.json"
         self._restored = False
         self._starting = 0
+        self._fence = Fence()  # the highest leader token heard: an older leader's spawn is refused
         self._cached: tuple[str, ...] = ()
         self._etcd: Any = None
         self._connection: BrokerConnection | None = None
@@ -222,6 +224,10 @@ class Agent(Actor):
     async def _on_command(self, command: dict[str, Any]) -> None:
         if command["command"] != "spawn":
             log.warning("unknown agent command %r", command["command"])
+            return
+        if not self._fence.admit(command.get("fence")):
+            log.warning("refusing spawn command %r: it comes from an older leader than one already heard (token %d)",
+                        command, self._fence.highest)
             return
         model, version = command.get("model"), command.get("version")
         if not isinstance(model, str) or not isinstance(version, str) or self.workers.running + self._starting >= self.capacity:

@@ -99,7 +99,7 @@ class Autoscaler(Actor):
         self.election = LeaderElection(self._etcd, self.keys.leader, self.identity, s.etcd.lease_ttl_s, s.etcd.timeout_s)
         self.on_stop(self.election.aclose)
         if self._launcher_kind == "agent":
-            self.launcher = AgentLauncher(s, self._connection, self._etcd)
+            self.launcher = AgentLauncher(s, self._connection, self._etcd, lambda: self.election.token)
         elif self._launcher_kind == "kubernetes":
             deployment_name(s.autoscaler.kube_deployment, "m", "1")  # a bad template fails the start, not each tick
             self.launcher = await open_in_cluster(s.autoscaler.kube_deployment, Path(s.autoscaler.kube_service_account),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -142,10 +142,12 @@ def worker_env(settings: Settings) -> dict[str, str]:
 class AgentLauncher:
     """Sends spawn commands to edge-node agents, placing each worker on a node that fits."""
 
-    def __init__(self, settings: Settings, connection: BrokerConnection, etcd: Any) -> None:
+    def __init__(self, settings: Settings, connection: BrokerConnection, etcd: Any,
+                 fence: Callable[[], int | None] = lambda: None) -> None:
         self._settings = settings
         self._connection = connection
         self._etcd = etcd
+        self._fence = fence  # the leader's token, sent with each command (agents refuse an older one)
         self._topology = Topology(settings.namespace, settings.broker.replicas)
 
     async def spawn(self, model: str, version: str, requires: list[str], require: Mapping[str, str] | None = None) -> str:
@@ -154,7 +156,8 @@ class AgentLauncher:
         nodes = await get_records(self._etcd, keys(self._settings.namespace).nodes, NodeRecord.from_json, timeout)
         record, _ = await read_model(self._etcd, self._settings.namespace, model, timeout)
         placement = place(nodes, record, version, requires)
-        command = {"command": "spawn", "model": model, "version": version, "request_id": uuid.uuid4().hex}
+        command = {"command": "spawn", "model": model, "version": version, "request_id": uuid.uuid4().hex,
+                   "fence": self._fence()}
         await send(self._connection, self._topology.control, agent_key(placement.node), command)
         log.info("asked agent %s to spawn %s:%s (%s)", placement.node, model, version,
                  f"variant {placement.variant}" if placement.variant else "default file")

@@ -124,3 +124,27 @@ class LeaderElection:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Fence:
+    """The receiving end of fencing tokens: refuses a command from a leader older than one already heard.
+
+    The leader checks its token right before it sends, but a leader paused
+    between that check and the send (a GC pause, a SIGSTOP) can still send
+    after a successor has acted. Its token is the older key's create revision,
+    so the receiver, which keeps the highest token it has seen, refuses it.
+    A command without a token (from an operator's CLI) is let through.
+    """
+
+    def __init__(self) -> None:
+        self.highest = 0
+
+    def admit(self, token: object) -> bool:
+        """Whether a command carrying ``token`` may act; an int token at least the highest seen raises it."""
+        if token is None:
+            return True
+        if type(token) is not int or token < self.highest:
+            return False
+        self.highest = token
+        return True
+

@@ -739,3 +739,16 @@ async def _reconnected(settings: Settings, node: str) -> NodeRecord | None:
     except Exception:  # etcd still starting
         return None
     return record if record and record.reconnected_at > 0 else None
+
+
+async def test_an_agent_refuses_a_spawn_from_a_leader_older_than_one_it_has_heard(synced, spawn_node_agent, amqp) -> None:
+    node = unique("fence")
+    agent = spawn_node_agent(node, synced, synced.model_repository)
+    await wait_until(lambda: _node(synced, node), 30, "the agent's node record")
+    spawn = {"command": "spawn", "model": "mlp", "version": "1"}
+    await send(amqp.connection, amqp.topology.control, agent_key(node), {**spawn, "fence": 7})
+    first = await wait_until(lambda: _worker_of(synced, node), 60, "the worker the newer leader asked for")
+    await send(amqp.connection, amqp.topology.control, agent_key(node), {**spawn, "fence": 3})  # a paused ex-leader
+    await wait_until(lambda: "older leader" in agent.output(), 10, "the agent to refuse the stale spawn")
+    workers = [k for k in await live_workers(synced, "mlp") if k.startswith(f"{node}-")]
+    assert workers == [first]

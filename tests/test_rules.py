@@ -185,6 +185,16 @@ def test_a_pipeline_job_is_named_by_its_submission_even_when_its_first_stage_is_
         assert (state.model, state.version, state.status, state.stage) == ("p", "3", RUNNING, "p-s0")
 
 
+def test_a_fence_refuses_tokens_older_than_the_highest_seen_and_lets_untokened_commands_through() -> None:
+    from inferq.runtime.election import Fence
+
+    fence = Fence()
+    assert fence.admit(5) and fence.admit(5) and fence.admit(9)
+    assert not fence.admit(4) and not fence.admit(8) and fence.highest == 9
+    assert fence.admit(None), "an operator's command carries no token"
+    assert not fence.admit("9") and not fence.admit(True), "only an int is a token"
+
+
 # --- providers, rate limits -------------------------------------------------------------------------------------------
 
 def test_providers_missing_from_this_build_are_skipped_and_cpu_comes_last() -> None:
