@@ -23,6 +23,7 @@ import aio_pika.abc
 import numpy as np
 
 from inferq.broker.codec import unpackb
+from inferq.broker.connection import CONNECTION_ERRORS
 from inferq.broker.failover import connect_first
 from inferq.broker.identity import broker_user, reply_prefix
 from inferq.broker.messages import JobRequest, check_job_id, new_job_id
@@ -37,7 +38,6 @@ from inferq.settings import mask_url
 log = logging.getLogger("inferq.client")
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
-_CONNECTION_ERRORS = (OSError, aio_pika.exceptions.AMQPError, RuntimeError)
 
 
 class AmqpClient:
@@ -88,7 +88,7 @@ class AmqpClient:
         namespace = namespace or os.environ.get("INFERQ_NAMESPACE") or "inferq"
         try:
             connection = await connect_first(urls, "inferq-client", timeout=timeout)
-        except (TimeoutError, *_CONNECTION_ERRORS) as exc:
+        except (TimeoutError, *CONNECTION_ERRORS) as exc:
             raise Unavailable(f"cannot connect to RabbitMQ at {', '.join(mask_url(u) for u in urls)}: {exc!r}") from exc
         try:
             channel = await asyncio.wait_for(connection.channel(publisher_confirms=True, on_return_raises=True), timeout)
@@ -118,7 +118,7 @@ class AmqpClient:
         self._fail_pending("the client was closed before the reply came")
         try:
             await asyncio.wait_for(self._connection.close(), self.timeout)
-        except (TimeoutError, *_CONNECTION_ERRORS) as exc:
+        except (TimeoutError, *CONNECTION_ERRORS) as exc:
             log.debug("closing the AMQP connection: %r", exc)
         if self.http is not None:
             await self.http.aclose()
@@ -199,7 +199,7 @@ class AmqpClient:
             except TimeoutError as exc:
                 raise Timeout(f"no confirm for job {request.job_id} within {self.timeout:g}s; "
                               "it may or may not be queued") from exc
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 raise Unavailable(f"publishing job {request.job_id} failed: {exc!r}") from exc
             pause = self.retry.pause(attempt, None, started)
             if pause is None:
