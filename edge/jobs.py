@@ -6,6 +6,7 @@ No HTTP here: handlers translate requests into these calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -259,6 +260,10 @@ class JobService:
         state = await self.find(job_id)
         if state is None or state.tenant != tenant:
             raise NotFound(f"job {job_id} is not known (never submitted, or past its retention)")
+        with self.projection.watching(job_id) if wait_s > 0 else contextlib.nullcontext():
+            return await self._settled(state, wait_s)
+
+    async def _settled(self, state: JobState, wait_s: float) -> JobState:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
@@ -268,8 +273,8 @@ class JobService:
             remaining = deadline - loop.time()
             if state.terminal or remaining <= 0:
                 return state
-            await self.projection.wait_change(job_id, wait_slice(state, remaining))
-            state = self.projection.get(job_id) or state
+            await self.projection.wait_change(state.job_id, wait_slice(state, remaining))
+            state = self.projection.get(state.job_id) or state
 
     async def _expire(self, state: JobState) -> JobState:
         """Record that a job not started within its TTL expired, unless the ledger shows it started."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import collections
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -221,8 +223,12 @@ class JobProjection:
         self._on_final = on_final
         # Called with the status before and the state after every visible change (webhooks); cheap, never raises.
         self.on_change = on_change
+        # Called with a job's outputs as they leave the projection for being too large, when someone here waits
+        # on the job: its answer then needs no read back from the stream (the result cache); cheap, never raises.
+        self.on_held_out: Callable[[str, dict[str, Any]], None] | None = None
         self._jobs: OrderedDict[str, JobState] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._watched: collections.Counter[str] = collections.Counter()  # jobs a client here waits on, how many
         self.events_applied = 0
 
     def __len__(self) -> int:
@@ -278,6 +284,8 @@ class JobProjection:
         """Keep a newly final job's outputs inline only within the limit; return the state's cost."""
         if not was_final and state.terminal and state.outputs is not None and state.result_offset is not None:
             if self.inline_bytes is not None and state.result_bytes > self.inline_bytes:
+                if self.on_held_out is not None and state.job_id in self._watched:
+                    self.on_held_out(state.job_id, state.outputs)
                 state.outputs = None
             else:
                 self._inline[state.job_id] = None
@@ -297,6 +305,21 @@ class JobProjection:
         if state is not None and self._expired(state, time.time()):
             return None
         return state
+
+    @contextlib.contextmanager
+    def watching(self, job_id: str) -> Iterator[None]:
+        """Within the block a client here waits on ``job_id``: a large result is handed to ``on_held_out``.
+
+        For the whole wait, not one :meth:`wait_change`: a waiter woken by the
+        running event is not registered again yet when the final event follows.
+        """
+        self._watched[job_id] += 1
+        try:
+            yield
+        finally:
+            self._watched[job_id] -= 1
+            if not self._watched[job_id]:
+                del self._watched[job_id]
 
     async def wait_change(self, job_id: str, timeout: float) -> bool:
         """Return True when the job's visible state changes, or False after ``timeout`` seconds."""

@@ -91,10 +91,17 @@ class ResultReader:
         state.result_expired = True
         raise _expired(state)
 
+    def keep(self, job_id: str, outputs: Outputs) -> None:
+        """Cache ``outputs`` (within the byte budget): the projection's hand-over of a result someone here waits on."""
+        self._keep(job_id, dict(outputs))
+
     def _keep(self, job_id: str, outputs: Outputs) -> None:
         size = output_bytes(outputs)
         if size > self.cache_bytes:
             return
+        known = self._cache.pop(job_id, None)
+        if known is not None:
+            self.cached_bytes -= output_bytes(known)
         self._cache[job_id] = outputs
         self.cached_bytes += size
         while self.cached_bytes > self.cache_bytes:

@@ -111,6 +111,7 @@ class EdgeServer(Actor):
         routing, shadows = Routing(directory, health), ShadowMirror(connection, self.topology, ledger)
         results = ResultReader(StreamRecall(connection, self.topology.ledger, s.broker.publish_timeout_s), s.edge.result_cache_bytes)
         self.on_stop(results.aclose)
+        self.projection.on_held_out = results.keep  # a waited-on large result is answered without a read back
         service = JobService(connection, self.topology, directory, self.projection, tail, ledger, cancels, s.jobs.ttl_s,
                              idempotency, routing, shadows, results)
         consuming = await self.own(BrokerConnection.open(s.broker, f"{self.name}:router"))

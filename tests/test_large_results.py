@@ -129,6 +129,23 @@ async def test_large_results_stay_out_of_the_projection_and_every_one_reads_back
     assert await metric(http, edge, "inferq_edge_results_read_total") >= 100 - 2 * 1024 * 1024 // (WIDE * 4)
 
 
+async def test_a_large_result_someone_waits_on_is_answered_without_reading_it_back(
+        spawn_worker, spawn_edge, http, wide_reference) -> None:
+    edge = await spawn_edge()
+    x = rows(1, seed=11)
+    job_id = await submit(http, edge, "wide", x)  # no worker yet: the job waits, and so does the poll below
+    before = await metric(http, edge, "inferq_edge_results_read_total")
+    used = await metric(http, edge, "inferq_edge_projection_bytes")  # the module's earlier jobs are in the ledger too
+    waiting = asyncio.ensure_future(fetch(http, edge, job_id))
+    await spawn_worker("wide")
+    status, body = await waiting
+    assert status == 200, body
+    np.testing.assert_array_equal(y_of(body), wide_reference("wide", x))
+    # The edge had the outputs in hand as the final event went by: the waiting poll got them from there.
+    assert await metric(http, edge, "inferq_edge_results_read_total") == before
+    assert await metric(http, edge, "inferq_edge_projection_bytes") - used < WIDE * 4, "and they stayed out of the projection"
+
+
 async def test_two_edges_and_a_restarted_edge_serve_the_same_large_result_byte_for_byte(
         spawn_worker, spawn_edge, http, wide_reference) -> None:
     await spawn_worker("wider")
@@ -153,17 +170,28 @@ async def test_two_edges_and_a_restarted_edge_serve_the_same_large_result_byte_f
         np.testing.assert_array_equal(y_of(await resp.read()), wide_reference("wider", x))
 
 
-async def test_a_v2_infer_call_answers_a_large_result_read_back_from_the_ledger(spawn_worker, spawn_edge, http, wide_reference) -> None:
-    await spawn_worker("wider")
+async def test_a_v2_infer_call_answers_a_large_result_and_a_later_poll_reads_it_back(spawn_worker, spawn_edge, http, wide_reference) -> None:
     edge = await spawn_edge()
     x = rows(1, seed=40)
     request = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]}
-    async with http.post(f"{edge.url}/v2/models/wider/infer", json=request) as resp:
-        body = await resp.json()
-    assert resp.status == 200, body
+
+    async def infer() -> tuple[int, dict, str]:
+        async with http.post(f"{edge.url}/v2/models/wider/infer", json=request) as resp:
+            return resp.status, await resp.json(), resp.headers.get("X-Inferq-Job-Id", "")
+
+    calling = asyncio.ensure_future(infer())  # waiting before the worker starts: answered from what went by
+    await spawn_worker("wider")
+    status, body, _ = await calling
+    assert status == 200, body
     y = body["outputs"][0]
     np.testing.assert_array_equal(np.asarray(y["data"], np.float32).reshape(y["shape"]), wide_reference("wider", x))
-    assert await metric(http, edge, "inferq_edge_results_read_total") == 1
+    assert await metric(http, edge, "inferq_edge_results_read_total") == 0
+    other = await spawn_edge()  # it never held the outputs: a poll there reads the result back
+    job_id = await submit(http, edge, "wider", x)
+    assert (await fetch(http, edge, job_id))[0] == 200
+    status, again = await fetch(http, other, job_id)
+    assert status == 200 and np.array_equal(y_of(again), wide_reference("wider", x))
+    assert await metric(http, other, "inferq_edge_results_read_total") == 1
 
 
 async def test_a_result_past_the_ledgers_byte_retention_answers_410_result_expired(spawn_worker, spawn_edge, http) -> None:
