@@ -340,6 +340,8 @@ class AutoscalerCollector:
         yield gauge("inferq_autoscaler_leader", "1 while this autoscaler is the elected leader (only it acts)",
                     [({"autoscaler": a.identity}, int(a._leading))])
         yield gauge("inferq_autoscaler_paused", "1 while scaling is paused (etcd does not answer)", [({}, int(a.paused_since is not None))])
+        yield gauge("inferq_autoscaler_failed_rounds", "rounds that failed on an unexpected error (logged; the next round came)",
+                    [({}, a.failed_rounds)], "counter")
         yield gauge("inferq_autoscaler_desired_workers", "workers the last decision asked for", [(lab, d.desired) for lab, (_, d) in zip(labels, rows)])
         yield gauge("inferq_autoscaler_current_workers", "workers the last decision counted", [(lab, d.current) for lab, (_, d) in zip(labels, rows)])
         yield gauge("inferq_autoscaler_backlog", "backlog (queued plus in flight) of the last decision", [(lab, d.backlog) for lab, (_, d) in zip(labels, rows)])

@@ -231,3 +231,23 @@ async def test_a_bad_policy_override_is_ignored_with_a_warning_and_the_autoscale
     assert scaler.alive(), scaler.output()
     await wait_until(lambda: "ignoring the policy override" in scaler.output(), 10, "a warning about the bad override")
     assert "Traceback" not in scaler.output()
+
+
+async def test_a_round_that_fails_unexpectedly_is_counted_in_the_metrics_and_the_next_round_still_runs(settings) -> None:
+    from prometheus_client import generate_latest
+
+    from inferq.actors.autoscaler import Autoscaler
+
+    class Broken(Autoscaler):
+        rounds = 0
+
+        async def tick(self) -> None:
+            self.rounds += 1
+            if self.rounds == 1:
+                raise KeyError("a record no round expected")
+
+    scaler = Broken(settings, launcher="none")
+    await scaler._guarded_tick()
+    await scaler._guarded_tick()
+    assert scaler.rounds == 2 and scaler.failed_rounds == 1
+    assert b"inferq_autoscaler_failed_rounds_total 1.0" in generate_latest(scaler.registry)
