@@ -192,12 +192,10 @@ class EdgeAPI:
         """
         wait = min(_float_query(request, "wait") or 0.0, self.settings.max_wait_s)
         submission = await self._submission(request)
-        state, created = await self.service.submit(submission)
+        state, created = await self.service.submit(submission, wait)
         location = {"Location": f"/v1/jobs/{state.job_id}", TRACEPARENT_HEADER: state.trace or submission.traceparent}
-        if wait > 0:
-            state = await self.service.get(state.job_id, state.tenant, wait)
-            if state.terminal:
-                return await self._document(request, state, location)
+        if wait > 0 and state.terminal:
+            return await self._document(request, state, location)
         body = {"job_id": state.job_id, "status": state.status, "model": state.model, "version": state.version}
         if state.alias:
             body["alias"] = state.alias

@@ -128,15 +128,26 @@ class JobService:
             return state.outputs
         return await self.results.outputs(state)
 
-    async def submit(self, sub: Submission) -> tuple[JobState, bool]:
+    async def submit(self, sub: Submission, wait_s: float = 0.0) -> tuple[JobState, bool]:
         """Queue a job once the broker confirmed it; return its state and whether it is new.
 
         The version comes from the registry's routing (:mod:`inferq.edge.routing`): pinned, or
-        through the traffic split by the route key, the idempotency key or the job id.
+        through the traffic split by the route key, the idempotency key or the job id. With
+        ``wait_s`` the state is the one after waiting up to that long for the job to finish.
         """
         record = await self.directory.record(sub.model, sub.version, sub.alias)
         keyed = sub.idempotency_key is not None
         job_id = idempotent_job_id(sub.tenant, sub.model, sub.idempotency_key) if keyed else new_job_id()
+        if wait_s <= 0:
+            return await self._queue(sub, record, job_id)
+        # Watched from before the publish: under load a worker can finish the job before the queued
+        # event's confirm, and a large result seen go by then is handed to this wait, not read back.
+        with self.projection.watching(job_id):
+            _, new = await self._queue(sub, record, job_id)
+            return await self.get(job_id, sub.tenant, wait_s), new
+
+    async def _queue(self, sub: Submission, record: Any, job_id: str) -> tuple[JobState, bool]:
+        keyed = sub.idempotency_key is not None
         routed = self.routing.choose(record, sub.version, sub.alias, sub.route_key or sub.idempotency_key or job_id)
         version = routed.signature
         request = JobRequest(

@@ -118,8 +118,7 @@ class Serving:
         sub = Submission(model, version, request.inputs, outputs, request.parameters, tenant=tenant,
                          ttl_s=min(wait, self.service.default_ttl_s), priority=priority,
                          traceparent=new_traceparent(parse_traceparent(traceparent)))  # the caller's trace, or a new one
-        state, _ = await self.service.submit(sub)
-        state = await self.service.get(state.job_id, tenant, wait)
+        state, _ = await self.service.submit(sub, wait)
         if not state.terminal:
             raise DeadlineExceeded(f"job {state.job_id} did not finish within {wait:g}s; poll /v1/jobs/{state.job_id}")
         if state.status != SUCCEEDED:
