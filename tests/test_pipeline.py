@@ -157,7 +157,9 @@ async def test_a_cancelled_pipeline_job_stops_at_the_next_stage_boundary(synced,
     await spawn_worker("slow-c-s0")
     await spawn_worker("slow-c-s1")
     edge = await spawn_edge()
-    job_id = await submit(http, edge.url, "slow-c", sample("mlp", n=48, seed=9))  # seconds in stage 0
+    # 768 rows: 1.5 s in each stage, so the cancel reaches stage 0's worker before its run ends. (48 rows ran for
+    # 0.1 s a stage: the cancel could come once the last stage had started, too late to stop the job.)
+    job_id = await submit(http, edge.url, "slow-c", sample("mlp", n=768, seed=9))
     await wait_until(lambda: _status(http, edge.url, job_id, "running"), 30, "stage 0 to start the job")
     async with http.delete(f"{edge.url}/v1/jobs/{job_id}") as resp:
         assert resp.status == 200, await resp.text()
