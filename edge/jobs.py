@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from inferq.runtime.records import ModelRecord
 from inferq.runtime.signature import validate
 from inferq.broker.connection import BrokerConnection
 from inferq.broker.ledger import LedgerWriter
@@ -146,7 +147,7 @@ class JobService:
             _, new = await self._queue(sub, record, job_id)
             return await self.get(job_id, sub.tenant, wait_s), new
 
-    async def _queue(self, sub: Submission, record: Any, job_id: str) -> tuple[JobState, bool]:
+    async def _queue(self, sub: Submission, record: ModelRecord, job_id: str) -> tuple[JobState, bool]:
         keyed = sub.idempotency_key is not None
         routed = self.routing.choose(record, sub.version, sub.alias, sub.route_key or sub.idempotency_key or job_id)
         version = routed.signature

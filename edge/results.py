@@ -84,7 +84,7 @@ class ResultReader:
         for event in events:
             if event.job_id == state.job_id and event.status == state.status and event.outputs:
                 outputs = dict(event.outputs)
-                self._keep(state.job_id, outputs)
+                self.keep(state.job_id, outputs)
                 return outputs
         # The offset came from the same stream: a mismatch means the stream was recreated meanwhile.
         log.warning("ledger offset %s holds no result of job %s (the stream was recreated?)", state.result_offset, state.job_id)
@@ -92,10 +92,7 @@ class ResultReader:
         raise _expired(state)
 
     def keep(self, job_id: str, outputs: Outputs) -> None:
-        """Cache ``outputs`` (within the byte budget): the projection's hand-over of a result someone here waits on."""
-        self._keep(job_id, dict(outputs))
-
-    def _keep(self, job_id: str, outputs: Outputs) -> None:
+        """Cache ``outputs`` within the byte budget: a result read back, or the projection's hand-over of one a client here waits on."""
         size = output_bytes(outputs)
         if size > self.cache_bytes:
             return
